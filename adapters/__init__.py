@@ -1,0 +1,1 @@
+"""Method adapters (supervised, Unbiased Teacher, ...) and the shared engine and models."""

@@ -1,0 +1,95 @@
+"""The Adapter interface and the method registry.
+
+An adapter is one SSOD method: it owns its models (student, and teacher where the method has one)
+and its `training_step`, which returns the named, already-weighted loss terms of the method's
+equations. The engine sums them and steps; everything else is hooks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bench.errors import BenchError
+
+# name -> module implementing it; a module registers its class on import.
+METHOD_MODULES = {
+    "supervised": "adapters.supervised",
+    "ubteacher": "adapters.ubteacher",
+}
+# Methods of the paper's tables whose adapters come in later issues.
+PLANNED_METHODS = ("softteacher", "pseco", "stac", "ddetr")
+
+ADAPTERS: dict[str, type["Adapter"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        ADAPTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_adapter(name: str) -> type["Adapter"]:
+    if name in PLANNED_METHODS:
+        raise BenchError(
+            f"method '{name}' is not implemented yet; implemented methods: {', '.join(METHOD_MODULES)}"
+        )
+    if name not in METHOD_MODULES:
+        raise BenchError(f"unknown method '{name}'; known methods: {', '.join(METHOD_MODULES)}")
+    importlib.import_module(METHOD_MODULES[name])
+    return ADAPTERS[name]
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, Tensor]  # named, weighted loss terms: the trainer sums them
+    metrics: dict[str, float] = field(default_factory=dict)  # logged, not optimised
+
+
+def batch_to_device(items: list[dict], view: str, device: torch.device) -> tuple[list[Tensor], list[dict]]:
+    """Images and {"boxes","labels"} targets of one view of a batch, on `device`."""
+    images, targets = [], []
+    for item in items:
+        v = item["views"][view]
+        images.append(v.image.to(device, non_blocking=True))
+        targets.append({"boxes": v.boxes.to(device), "labels": v.labels.to(device)})
+    return images, targets
+
+
+class Adapter(ABC):
+    name: ClassVar[str] = ""
+    labeled_views: ClassVar[tuple[str, ...]] = ("weak",)
+    unlabeled_views: ClassVar[tuple[str, ...]] = ()  # empty: the method uses no unlabeled data
+
+    def __init__(self, cfg, num_classes: int, device: torch.device):
+        from adapters.models.faster_rcnn import build_faster_rcnn
+
+        self.cfg = cfg
+        self.device = device
+        self.num_classes = num_classes
+        self.student: nn.Module = build_faster_rcnn(cfg.model, num_classes).to(device)
+
+    @abstractmethod
+    def training_step(self, iteration: int, batch: dict) -> StepOutput:
+        """The method's losses for one iteration; `batch` has "labeled" (and "unlabeled") items."""
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Models to evaluate, the one the tables report first."""
+        return {"student": self.student}
+
+    def hooks(self) -> list:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])

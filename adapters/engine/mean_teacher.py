@@ -1,0 +1,112 @@
+"""Mean-teacher pieces: the burn-in/EMA hook, pseudo-label filtering and their quality statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from adapters.engine.ema import ema_update
+from adapters.engine.hooks import HookBase
+
+# COCO's small/medium/large boundaries (areas in original-image pixels); presets on small
+# synthetic images scale the sides by `eval.area_scale`.
+AREA_BOUNDS = (32.0, 96.0)
+
+
+class MeanTeacherHook(HookBase):
+    """Before iteration `burn_in`: teacher <- exact copy of the student (and `on_copy()`, e.g. LSM
+    initialises F_aux there); before every later iteration: teacher <- EMA(teacher, student)."""
+
+    def __init__(self, teacher, student, burn_in: int, keep_rate: float, include_buffers: bool = True,
+                 on_copy=None):
+        self.teacher = teacher
+        self.student = student
+        self.burn_in = burn_in
+        self.keep_rate = keep_rate
+        self.include_buffers = include_buffers
+        self.on_copy = on_copy
+
+    def before_step(self) -> None:
+        it = self.trainer.iter
+        if it == self.burn_in:
+            if self.on_copy is not None:
+                self.on_copy()
+            self.teacher.load_state_dict(self.student.state_dict())
+        elif it > self.burn_in:
+            ema_update(self.teacher, self.student, self.keep_rate, self.include_buffers)
+
+
+def filter_pseudo_labels(detections: list[dict], threshold: float, min_area: float | None = None,
+                         high: float | None = None) -> list[dict]:
+    """Teacher detections with score > threshold, as targets {boxes, labels, scores}.
+
+    With `min_area` and `high` (the naive large-area variant, Table 5 row 2): keep boxes with score
+    > high, plus boxes with score > threshold whose area exceeds min_area.
+    """
+    out = []
+    for d in detections:
+        keep = d["scores"] > threshold
+        if min_area is not None and high is not None:
+            wh = (d["boxes"][:, 2:] - d["boxes"][:, :2]).clamp(min=0)
+            keep = (d["scores"] > high) | (keep & (wh[:, 0] * wh[:, 1] > min_area))
+        out.append({"boxes": d["boxes"][keep].detach(), "labels": d["labels"][keep].detach(),
+                    "scores": d["scores"][keep].detach()})
+    return out
+
+
+def _size_bin(area: Tensor, scale: float) -> Tensor:
+    lo, hi = (AREA_BOUNDS[0] * scale) ** 2, (AREA_BOUNDS[1] * scale) ** 2
+    return (area >= lo).long() + (area >= hi).long()  # 0 small, 1 medium, 2 large
+
+
+@torch.no_grad()
+def pseudo_label_stats(pseudo: list[dict], hidden_gt: list[dict], pixel_scale: list[float],
+                       area_scale: float = 1.0, prefix: str = "pl") -> dict[str, float]:
+    """Count, mean score, and precision / recall at IoU 0.5 (same class), overall and by size.
+
+    `hidden_gt` are the unlabeled images' true boxes (never used for training); `pixel_scale[i]`
+    converts a view-pixel area to an original-image area (COCO size bins are defined there).
+    Precision is binned by the pseudo box's area, recall by the true box's area.
+    """
+    n = sum(len(p["boxes"]) for p in pseudo)
+    stats = {f"{prefix}_count_per_img": n / max(len(pseudo), 1)}
+    if n:
+        stats[f"{prefix}_mean_score"] = float(torch.cat([p["scores"] for p in pseudo]).mean())
+    if not any(len(g["boxes"]) for g in hidden_gt):
+        return stats
+    tp = np.zeros(3)
+    npred = np.zeros(3)
+    hit = np.zeros(3)
+    ngt = np.zeros(3)
+    for p, g, s in zip(pseudo, hidden_gt, pixel_scale):
+        pa = _area(p["boxes"]) * s
+        ga = _area(g["boxes"]) * s
+        pb, gb = _size_bin(pa, area_scale), _size_bin(ga, area_scale)
+        if len(p["boxes"]) and len(g["boxes"]):
+            same = p["labels"][:, None] == g["labels"][None, :]
+            match = (box_iou(p["boxes"], g["boxes"].to(p["boxes"])) >= 0.5) & same
+            p_ok, g_ok = match.any(1), match.any(0)
+        else:
+            p_ok = torch.zeros(len(p["boxes"]), dtype=torch.bool)
+            g_ok = torch.zeros(len(g["boxes"]), dtype=torch.bool)
+        for b in range(3):
+            npred[b] += int((pb == b).sum())
+            tp[b] += int((p_ok.cpu() & (pb.cpu() == b)).sum())
+            ngt[b] += int((gb == b).sum())
+            hit[b] += int((g_ok.cpu() & (gb.cpu() == b)).sum())
+    if npred.sum():
+        stats[f"{prefix}_precision"] = tp.sum() / npred.sum()
+    stats[f"{prefix}_recall"] = hit.sum() / max(ngt.sum(), 1)
+    for b, name in enumerate(("small", "medium", "large")):
+        if npred[b]:
+            stats[f"{prefix}_precision_{name}"] = tp[b] / npred[b]
+        if ngt[b]:
+            stats[f"{prefix}_recall_{name}"] = hit[b] / ngt[b]
+    return stats
+
+
+def _area(boxes: Tensor) -> Tensor:
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    return (wh[:, 0] * wh[:, 1]).float()

@@ -1,0 +1,102 @@
+"""The iteration loop. Everything that is not "compute the losses and step" is a hook.
+
+Loop per iteration: hooks.before_step -> adapter.training_step (named, already weighted loss
+terms) -> sum -> backward -> optimizer/scheduler step -> hooks.after_step. The adapter owns the
+algorithm (what the losses are); the trainer owns the mechanics (AMP, NaN check, LR schedule).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Iterator
+
+import torch
+
+from adapters.engine.hooks import HookBase
+
+
+class StopTraining(Exception):
+    """Raised by a hook to stop the loop early (tests use it to simulate a killed run)."""
+
+
+class Trainer:
+    def __init__(self, adapter, optimizer, scheduler, data: Iterator, start_iter: int, max_iter: int,
+                 device: torch.device, amp: bool = False, clip_grad_norm: float | None = None):
+        self.adapter = adapter
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.data = data
+        self.start_iter = start_iter
+        self.max_iter = max_iter
+        self.iter = start_iter
+        self.device = device
+        self.amp = amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.clip_grad_norm = clip_grad_norm
+        self.hooks: list[HookBase] = []
+        self.latest: dict[str, float] = {}  # scalars of the last step, read by the writer hooks
+
+    def register_hooks(self, hooks: list[HookBase]) -> None:
+        for h in hooks:
+            h.trainer = self
+        self.hooks.extend(hooks)
+
+    def train(self) -> None:
+        for h in self.hooks:
+            h.before_train()
+        try:
+            for self.iter in range(self.start_iter, self.max_iter):
+                for h in self.hooks:
+                    h.before_step()
+                self.run_step()
+                for h in self.hooks:
+                    h.after_step()
+            self.iter = self.max_iter
+        finally:
+            for h in self.hooks:
+                h.after_train()
+
+    def run_step(self) -> None:
+        t0 = time.perf_counter()
+        batch = next(self.data)
+        t_data = time.perf_counter() - t0
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with ctx:
+            out = self.adapter.training_step(self.iter, batch)
+        total = sum(out.losses.values())
+        if not math.isfinite(float(total)):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in out.losses.items())
+            raise FloatingPointError(f"loss became {float(total)} at iteration {self.iter}: {detail}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.adapter.student.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.latest = {
+            "total_loss": float(total),
+            **{k: float(v) for k, v in out.losses.items()},
+            **out.metrics,
+            "lr": lr,
+            "time": time.perf_counter() - t0,
+            "data_time": t_data,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "adapter": self.adapter.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])

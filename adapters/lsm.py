@@ -1,0 +1,147 @@
+"""LSM: Pseudo Information Mining (PIM) and Self-Distillation (SD), paper section 3.
+
+Shared by every Faster R-CNN adapter; turned on with `lsm.enabled=true`.
+
+PIM (Eq. 6). The student's (normalised, padded) input batch is downsampled 0.5x and passed through
+the same backbone + FPN. Level P_k of the half-size image has the stride of P_(k+1) of the full
+image in original coordinates, so "shift alignment" pairs P2^d->P3, P3^d->P4, P4^d->P5. PIM reuses
+the main branch's RPN proposals (no second RPN), matches them to the pseudo-labels with score
+> alpha, pools each RoI from the shifted map of the level the FPN rule assigns it to, and runs the
+shared box head E and regression head R plus its own auxiliary classifier F_aux.
+Rule for RoIs without a shifted source: a RoI whose FPN level is P2 (the smallest RoIs), or whose
+level's source is not in `lsm.pim_levels`, is excluded from PIM (it still trains the main branch).
+
+SD (Eq. 7). For PIM RoIs matched (IoU >= 0.5) to a pseudo-label with score in (alpha, t), the main
+classifier's prediction on the full-resolution features is fit to F_aux's by a KL divergence
+KL(p_aux || p_main); neither side is detached, so the two classifiers learn from each other.
+
+Choices the paper leaves open (docs/lsm.md): F_aux starts as a copy of F_main at the end of
+burn-in; PIM also trains on the labeled batch's ground truth (`pim_on_labeled`); `pim_weight`
+0.5 and `sd_weight` 0.2 follow the authors' partial code (ssod_methods.md 7.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from adapters.models.faster_rcnn import FasterRCNN, RoISamples, TrainForward, roi_levels
+
+# Shifted source level name -> the main pyramid level it aligns with (same stride in image coords).
+SHIFT = {"p2": 3, "p3": 4, "p4": 5}
+
+
+def attach_aux_classifier(model: FasterRCNN) -> None:
+    """Add F_aux (a second K+1-way classifier) to a detector; inference never uses it."""
+    rep = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.aux_cls_score = nn.Linear(rep, model.num_classes + 1)
+    nn.init.normal_(model.roi_heads.aux_cls_score.weight, std=0.01)
+    nn.init.constant_(model.roi_heads.aux_cls_score.bias, 0)
+
+
+@torch.no_grad()
+def init_aux_from_main(model: FasterRCNN) -> None:
+    model.roi_heads.aux_cls_score.load_state_dict(model.roi_heads.box_predictor.cls_score.state_dict())
+
+
+def downsample(images: Tensor) -> Tensor:
+    """0.5x of the padded batch; sizes divisible by 32 stay divisible by 16, so maps align exactly."""
+    return F.interpolate(images, scale_factor=0.5, mode="bilinear", align_corners=False)
+
+
+def shifted_features(features_d: dict[str, Tensor], pim_levels: list[str]) -> dict[int, Tensor]:
+    """{main level k: P_(k-1)^d} for the selected sources."""
+    return {SHIFT[name]: features_d[name] for name in pim_levels}
+
+
+def pim_pool(shifted: dict[int, Tensor], proposals: list[Tensor], canonical_scale: float,
+             output_size: int = 7, sampling_ratio: int = 2) -> tuple[Tensor, Tensor]:
+    """RoIAlign each RoI from the shifted map of its FPN level.
+
+    Returns (pooled features of the kept RoIs, indices of the kept RoIs in the concatenated list).
+    The spatial scale of P_(k-1)^d is 1 / 2^k, exactly that of the main P_k it replaces.
+    """
+    boxes = torch.cat(proposals)
+    batch_idx = torch.cat([torch.full((len(p), 1), i, dtype=boxes.dtype, device=boxes.device)
+                           for i, p in enumerate(proposals)])
+    rois = torch.cat([batch_idx, boxes], dim=1)
+    levels = roi_levels(boxes, canonical_scale)
+    kept, pooled = [], []
+    for level, feat in sorted(shifted.items()):
+        idx = torch.where(levels == level)[0]
+        if len(idx):
+            kept.append(idx)
+            pooled.append(roi_align(feat, rois[idx], output_size, spatial_scale=1.0 / 2**level,
+                                    sampling_ratio=sampling_ratio, aligned=False))
+    if not kept:
+        c = next(iter(shifted.values())).shape[1] if shifted else 0
+        return boxes.new_zeros((0, c, output_size, output_size)), torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    return torch.cat(pooled), torch.cat(kept)
+
+
+def sd_mask(matched_scores: Tensor, labels: Tensor, num_classes: int, alpha: float, t: float) -> Tensor:
+    """Foreground RoIs whose matched pseudo-label score lies in the open interval (alpha, t)."""
+    return (labels < num_classes) & (matched_scores > alpha) & (matched_scores < t)
+
+
+def kl_aux_to_main(main_logits: Tensor, aux_logits: Tensor) -> Tensor:
+    """KL(p_aux || p_main), mean over RoIs; gradients flow into both classifiers (not detached)."""
+    if main_logits.numel() == 0:
+        return main_logits.sum() * 0 + aux_logits.sum() * 0
+    log_p_main = F.log_softmax(main_logits, dim=-1)
+    log_p_aux = F.log_softmax(aux_logits, dim=-1)
+    return (log_p_aux.exp() * (log_p_aux - log_p_main)).sum(-1).mean()
+
+
+class PIM:
+    """Computes L_pim (cls + reg) and L_sd for one student forward."""
+
+    def __init__(self, cfg_lsm, t: float, model_cfg):
+        self.cfg = cfg_lsm
+        self.t = t
+        self.canonical_scale = model_cfg.canonical_scale
+        self.sampling_ratio = model_cfg.pooler_sampling_ratio
+
+    def losses(self, model: FasterRCNN, fwd: TrainForward, targets: list[dict], sd: bool) -> dict[str, Tensor]:
+        """PIM losses for `targets` (boxes, labels, scores; already filtered at alpha).
+
+        `fwd` is the main branch's forward on the same images: its RPN proposals and padded input
+        batch are reused.
+        """
+        heads = model.roi_heads
+        samples: RoISamples = heads.sample(fwd.proposals, targets)
+        features_d = model.backbone(downsample(fwd.images.tensors))
+        pooled, keep = pim_pool(shifted_features(features_d, self.cfg.pim_levels), samples.proposals,
+                                self.canonical_scale, sampling_ratio=self.sampling_ratio)
+        labels = samples.labels[keep]
+        box_feats = heads.box_head(pooled)
+        aux_logits = heads.aux_cls_score(box_feats)
+        _, deltas = heads.box_predictor(box_feats)  # the shared regression head R
+        n = max(len(samples.labels), 1)  # normalise by all sampled RoIs, like the main branch
+        out = {
+            "loss_pim_cls": heads.classification_loss(aux_logits, labels) * len(labels) / n,
+            "loss_pim_reg": heads.box_regression_loss(deltas, labels, samples.regression_targets[keep]) * len(labels) / n,
+        }
+        if sd:
+            mask = sd_mask(samples.matched_scores[keep], labels, heads.num_classes, self.cfg.alpha, self.t)
+            sel, order = torch.sort(keep[mask])  # image-major order, as _select returns them
+            if len(sel):
+                props = _select(samples.proposals, sel)
+                main_logits = heads.box_predictor.cls_score(
+                    heads.box_features(fwd.features, props, fwd.images.image_sizes))
+                out["loss_sd"] = kl_aux_to_main(main_logits, aux_logits[mask][order])
+            else:
+                out["loss_sd"] = aux_logits.sum() * 0
+        return out
+
+
+def _select(proposals: list[Tensor], flat_idx: Tensor) -> list[Tensor]:
+    """Per-image proposal lists restricted to indices of the concatenated list (order kept)."""
+    out, start = [], 0
+    for p in proposals:
+        local = flat_idx[(flat_idx >= start) & (flat_idx < start + len(p))] - start
+        out.append(p[local])
+        start += len(p)
+    return out

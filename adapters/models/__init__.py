@@ -1,0 +1,1 @@
+"""Detector definitions built from torchvision parts."""

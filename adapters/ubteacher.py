@@ -1,0 +1,113 @@
+"""Unbiased Teacher (Liu et al., ICLR 2021), with the LSM toggle (Liu et al., IJCAI 2023).
+
+Per iteration (official `run_step_full_semisup`, ssod_methods.md 2.1):
+- burn-in (iteration < burn_in): supervised loss on the labeled strong + weak views;
+- at burn_in the teacher becomes a copy of the student, then EMA (keep 0.9996, buffers included)
+  before every step (MeanTeacherHook);
+- the teacher detects on the unlabeled weak views; pseudo-labels = detections with score > t;
+- the student learns from the labeled batch (both views) and from the unlabeled strong views with
+  the pseudo-labels, where only RPN objectness and RoI classification count (box losses x 0).
+
+Eq. 3 of the LSM paper, read off `training_step`:
+    L = L_sup + lambda_u * (L_unsup_main + pim_weight * L_pim + sd_weight * L_sd)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from adapters.base import Adapter, StepOutput, batch_to_device, register
+from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
+from adapters.lsm import PIM, attach_aux_classifier, init_aux_from_main
+from bench.errors import BenchError
+
+
+@register("ubteacher")
+class UnbiasedTeacher(Adapter):
+    labeled_views = ("weak", "strong")
+    unlabeled_views = ("weak", "strong")
+
+    def __init__(self, cfg, num_classes: int, device: torch.device):
+        super().__init__(cfg, num_classes, device)
+        if cfg.semi.burn_in >= cfg.solver.max_iter:
+            raise BenchError(f"semi.burn_in ({cfg.semi.burn_in}) must be below solver.max_iter "
+                             f"({cfg.solver.max_iter}); lower burn_in or train longer")
+        self.lsm = cfg.lsm
+        self.pim = None
+        if cfg.lsm.enabled:
+            attach_aux_classifier(self.student)
+            self.pim = PIM(cfg.lsm, cfg.semi.t, cfg.model)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+
+    def hooks(self) -> list:
+        on_copy = (lambda: init_aux_from_main(self.student)) if self.pim else None
+        return [MeanTeacherHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
+                                include_buffers=True, on_copy=on_copy)]
+
+    def eval_models(self) -> dict:
+        models = {"teacher": self.teacher}  # the paper reports the teacher
+        if self.cfg.eval.evaluate_student:
+            models["student"] = self.student
+        return models
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+
+    # ------------------------------------------------------------------------------------------
+    def _labeled(self, batch: dict):
+        """Labeled strong + weak views concatenated (UBT trains on both)."""
+        img_s, tgt_s = batch_to_device(batch["labeled"], "strong", self.device)
+        img_w, tgt_w = batch_to_device(batch["labeled"], "weak", self.device)
+        return img_s + img_w, tgt_s + tgt_w
+
+    @torch.no_grad()
+    def pseudo_label(self, images_weak: list) -> list[dict]:
+        self.teacher.eval()
+        return self.teacher.detect(images_weak)
+
+    def training_step(self, iteration: int, batch: dict) -> StepOutput:
+        self.student.train()
+        images_l, targets_l = self._labeled(batch)
+        if iteration < self.cfg.semi.burn_in:
+            sup = self.student.train_forward(images_l, targets_l).losses
+            return StepOutput({f"{k}_sup": v for k, v in sup.items()})
+
+        semi, lsm = self.cfg.semi, self.lsm
+        images_uw, hidden_gt = batch_to_device(batch["unlabeled"], "weak", self.device)
+        images_us, _ = batch_to_device(batch["unlabeled"], "strong", self.device)
+        detections = self.pseudo_label(images_uw)
+        if lsm.naive_large_area:  # Table 5 row 2: large low-score boxes go straight to the main branch
+            pseudo_main = filter_pseudo_labels(detections, lsm.alpha, min_area=lsm.naive_min_area, high=semi.t)
+        else:
+            pseudo_main = filter_pseudo_labels(detections, semi.t)
+
+        fwd_l = self.student.train_forward(images_l, targets_l)
+        fwd_u = self.student.train_forward(images_us, pseudo_main)
+        losses = {f"{k}_sup": v for k, v in fwd_l.losses.items()}
+        # Unbiased Teacher: pseudo-boxes supervise objectness and classification only.
+        losses["loss_rpn_cls_unsup"] = semi.lambda_u * fwd_u.losses["loss_rpn_cls"]
+        losses["loss_cls_unsup"] = semi.lambda_u * fwd_u.losses["loss_cls"]
+
+        scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in batch["unlabeled"]]
+        metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl")
+        if self.pim is not None:
+            pseudo_pim = filter_pseudo_labels(detections, lsm.alpha)
+            pim_u = self.pim.losses(self.student, fwd_u, pseudo_pim, sd=lsm.sd)
+            losses["loss_pim_cls_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_cls"]
+            losses["loss_pim_reg_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_reg"]
+            if lsm.sd:
+                losses["loss_sd"] = semi.lambda_u * lsm.sd_weight * pim_u["loss_sd"]
+            if lsm.pim_on_labeled:
+                pim_l = self.pim.losses(self.student, fwd_l, targets_l, sd=False)
+                losses["loss_pim_cls_sup"] = lsm.pim_weight * pim_l["loss_pim_cls"]
+                losses["loss_pim_reg_sup"] = lsm.pim_weight * pim_l["loss_pim_reg"]
+            metrics.update(pseudo_label_stats(pseudo_pim, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl_alpha"))
+        return StepOutput(losses, metrics)

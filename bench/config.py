@@ -1,0 +1,241 @@
+"""Run configuration: pydantic models, preset YAML files and `key=value` overrides.
+
+One source of defaults: a preset (``bench/presets/<name>.yaml``) is validated by `RunConfig`;
+command-line overrides go through the same validation, so a typo in a key or a value of the wrong
+type is refused by name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench.errors import BenchError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """Parameters of the embedded synthetic data set (preset `demo`)."""
+
+    train_images: int = Field(600, ge=4)
+    val_images: int = Field(150, ge=2)
+    image_size: int = Field(160, ge=32)
+    seed: int = 0
+
+
+class AugConfig(_Strict):
+    """Weak (resize + flip) and strong (Unbiased Teacher's photometric) augmentation."""
+
+    short_sizes: list[int] = [640, 672, 704, 736, 768, 800]
+    max_size: int = 1333
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    test_size: int = 800
+
+
+class DataConfig(_Strict):
+    dataset: Literal["synthetic", "coco", "voc"] = "synthetic"
+    setting: Literal["coco_standard", "coco_additional", "voc", "coco_imagenet"] = "coco_standard"
+    root: str | None = None  # data set root (COCO: annotations/ + train2017/ val2017/; VOC: VOCdevkit)
+    unlabeled: str | None = None  # extra unlabeled pool: a folder or a list file of image paths
+    ratio: float = Field(10.0, gt=0, le=100)  # percent of the training images that keep labels
+    fold: int = Field(1, ge=1)
+    split_file: str | None = None  # a split manifest to use instead of generating one
+    synth: SynthConfig = SynthConfig()
+    aug: AugConfig = AugConfig()
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(_Strict):
+    """Faster R-CNN with FPN (torchvision parts). `tiny` is the CPU demo detector."""
+
+    arch: Literal["r50_fpn", "tiny"] = "r50_fpn"
+    weights: str = "none"  # none | imagenet | path to a backbone state_dict
+    trainable_layers: int = Field(3, ge=0, le=5)
+    fpn_channels: int = 256
+    anchor_sizes: list[int] = [32, 64, 128, 256, 512]
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = Field(0.5, gt=0, le=1)
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 1000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = Field(0.25, gt=0, le=1)
+    representation_size: int = 1024
+    pooler_sampling_ratio: int = Field(2, ge=0)  # RoIAlign samples per bin side (detectron2: 0 = adaptive)
+    # RoI -> FPN level: floor(canonical_level + log2(sqrt(area) / canonical_scale)); torchvision and
+    # detectron2 use 224 / 4 for ImageNet-sized objects; small-image presets scale it down.
+    canonical_scale: int = 224
+    cls_loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = Field(1.5, ge=0)
+    score_thresh: float = Field(0.05, ge=0, le=1)
+    nms_thresh: float = Field(0.5, gt=0, le=1)
+    detections_per_img: int = Field(100, ge=1)
+
+
+class SolverConfig(_Strict):
+    max_iter: int = Field(180_000, ge=1)
+    base_lr: float = Field(0.01, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = Field(1000, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    steps: list[int] = [179_990, 179_995]
+    gamma: float = 0.1
+    ims_per_batch_labeled: int = Field(32, ge=1)
+    ims_per_batch_unlabeled: int = Field(32, ge=1)
+    checkpoint_period: int = Field(5000, ge=1)
+    eval_period: int = Field(0, ge=0)  # 0: evaluate only at the end
+    log_period: int = Field(20, ge=1)
+    amp: bool = True  # used on CUDA only
+    clip_grad_norm: float | None = None
+
+
+class SemiConfig(_Strict):
+    """Mean-teacher settings (Unbiased Teacher's names)."""
+
+    burn_in: int = Field(2000, ge=0)
+    ema_keep_rate: float = Field(0.9996, ge=0, le=1)
+    t: float = Field(0.7, ge=0, le=1)  # pseudo-label threshold of the main branch
+    lambda_u: float = Field(4.0, ge=0)
+
+
+class LSMConfig(_Strict):
+    """LSM toggle (paper section 3); see docs/lsm.md for the choices the paper leaves open."""
+
+    enabled: bool = False
+    alpha: float = Field(0.5, ge=0, le=1)  # PIM threshold (lower than the main branch's t)
+    pim_levels: list[Literal["p2", "p3", "p4"]] = ["p2", "p3", "p4"]
+    pim_weight: float = Field(0.5, ge=0)  # authors' code: 0.5 (x lambda_u on pseudo-labels)
+    pim_on_labeled: bool = True  # PIM also learns from the labeled batch's ground truth
+    sd: bool = True
+    sd_weight: float = Field(0.2, ge=0)  # authors' (disabled) distillation term used 0.2
+    naive_large_area: bool = False  # Table 5 row 2: no PIM, large low-score boxes to the main branch
+    naive_min_area: float = Field(96.0 * 96.0, ge=0)
+
+    @field_validator("pim_levels")
+    @classmethod
+    def _unique_levels(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("pim_levels must not repeat a level")
+        return sorted(v)
+
+
+class EvalConfig(_Strict):
+    backend: Literal["faster", "pycocotools"] = "faster"
+    evaluate_student: bool = True  # mean-teacher methods: also evaluate the student
+    # COCO's small/medium/large bounds (32, 96 px sides, defined on ~640 px images) times this
+    # factor; presets with small images scale them so that "large" still means large.
+    area_scale: float = Field(1.0, gt=0)
+
+
+class RunConfig(_Strict):
+    method: str = "supervised"
+    preset: str = "demo"
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    solver: SolverConfig = SolverConfig()
+    semi: SemiConfig = SemiConfig()
+    lsm: LSMConfig = LSMConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> "RunConfig":
+        if self.lsm.enabled and self.lsm.alpha > self.semi.t:
+            raise ValueError(f"lsm.alpha ({self.lsm.alpha}) must not exceed semi.t ({self.semi.t})")
+        return self
+
+    def key_dict(self) -> dict[str, Any]:
+        """Everything that changes the result (device and logging periods excluded)."""
+        d = self.model_dump(mode="json")
+        d.pop("device")
+        d["solver"].pop("log_period")
+        d["data"].pop("num_workers")
+        return d
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.key_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{loc}'; check the spelling against `bench config show`"
+    return f"{source}: invalid value for '{loc}': {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=x` -> nested dict; values parsed as YAML scalars/lists (`[p3,p4]`, `true`, `0.5`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise BenchError(f"override '{item}' is not of the form key=value (e.g. solver.max_iter=500)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise BenchError(f"override '{item}' conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(preset: str = "demo", overrides: list[str] | dict | None = None, **fields: Any) -> RunConfig:
+    """Preset YAML + overrides (`key=value` strings or a nested dict) + keyword fields, validated."""
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise BenchError(f"unknown preset '{preset}'; known presets: {', '.join(available_presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    data["preset"] = preset
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    data = _merge(data, overrides or {})
+    data = _merge(data, {k: v for k, v in fields.items() if v is not None})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise BenchError(_format_validation_error(err, f"preset '{preset}'")) from None
+
+
+def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
+    """A copy of `cfg` with nested overrides applied and validated."""
+    try:
+        return RunConfig.model_validate(_merge(cfg.model_dump(mode="json"), overrides))
+    except ValidationError as err:
+        raise BenchError(_format_validation_error(err, "override")) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data layer: synthetic generator, COCO and VOC readers, split manifests, transforms."""

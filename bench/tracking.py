@@ -1,0 +1,115 @@
+"""MLflow tracking: where runs go and what every run records.
+
+Tracking URI: `MLFLOW_TRACKING_URI` if set, else `sqlite:///<BENCH_HOME>/mlflow.db`. Each training
+run logs params = the flattened config, tags (method, lsm, preset, dataset, ratio, seed, git sha,
+package versions), metrics per step and per evaluation, and artifacts (config.yaml, result.json).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+EXPERIMENT = "lsm-bench"
+
+
+def tracking_uri(home: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "torchvision", "lsm-bench", "faster-coco-eval", "mlflow"):
+        try:
+            out[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[f"version.{pkg}"] = "not installed"
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+class Tracker:
+    """One MLflow run. Methods are no-ops when `enabled` is False (tests, dry runs)."""
+
+    def __init__(self, home: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.home = Path(home)
+        self.run_id: str | None = None
+        if enabled:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(tracking_uri=tracking_uri(home))
+            exp = self._client.get_experiment_by_name(EXPERIMENT)
+            if exp is None:  # artifacts beside the database, not in the current directory
+                artifacts = (self.home / "mlartifacts").resolve().as_uri()
+                self.experiment_id = self._client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+            else:
+                self.experiment_id = exp.experiment_id
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, str],
+              parent_run_id: str | None = None, run_id: str | None = None) -> str | None:
+        """Start a run, or continue `run_id` (a resumed cell keeps its MLflow run)."""
+        if not self.enabled:
+            return None
+        if run_id is not None:
+            self.run_id = run_id
+            self._client.update_run(run_id, status="RUNNING")
+            return run_id
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self._client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        import time as _time
+
+        from mlflow.entities import Metric
+
+        ts = int(_time.time() * 1000)
+        items = [Metric(k.replace("/", "."), float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        for i in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled and self.run_id:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, v)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.enabled and self.run_id:
+            self._client.log_artifact(self.run_id, str(path))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self._client.set_terminated(self.run_id, status=status)

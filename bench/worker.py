@@ -1,0 +1,213 @@
+"""One cell = one training run, start to finish, resumable.
+
+`run_cell` prepares the data, builds the adapter, resumes from the newest checkpoint of the cell's
+directory if there is one, trains, evaluates the models the adapter names, and writes
+`result.json` last and atomically: a cell with a result.json is done and never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapters.base import get_adapter
+from adapters.engine.checkpoint import Checkpointer, set_rng_state
+from adapters.engine.hooks import EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressHook
+from adapters.engine.inference import run_inference
+from adapters.engine.solver import build_optimizer, build_scheduler
+from adapters.engine.trainer import StopTraining, Trainer
+from bench import tracking
+from bench.config import RunConfig, dump_config
+from bench.data.loader import make_loader
+from bench.data.sources import SemiData, prepare_data
+from bench.data.transforms import AugConfig
+from bench.evaluate import evaluate_coco
+from bench.errors import BenchError
+from bench.paths import run_dir
+
+# Bump a method's version when a code change alters its results: old cells then get new keys.
+CODE_VERSION = {"supervised": 1, "ubteacher": 1}
+
+
+def cell_key(cfg: RunConfig, data: SemiData) -> str:
+    """sha256 of everything that changes the result: config, split manifest, data, code version."""
+    payload = {
+        "config": cfg.key_dict(),
+        "split": data.manifest.sha256,
+        "data": data.manifest.data_hash,
+        "code": CODE_VERSION.get(cfg.method, 1),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def aug_config(cfg: RunConfig, strong: bool) -> AugConfig:
+    a = cfg.data.aug
+    return AugConfig(short_sizes=tuple(a.short_sizes), max_size=a.max_size, flip_prob=a.flip_prob,
+                     strong=strong, test_size=a.test_size)
+
+
+def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
+    """{"labeled": items, "unlabeled": items} per iteration; a pure function of (seed, iteration)."""
+    s = cfg.solver
+    strong = "strong" in adapter.labeled_views + adapter.unlabeled_views
+    aug = aug_config(cfg, strong)
+    labeled = make_loader(data.labeled, aug, adapter.labeled_views, s.ims_per_batch_labeled,
+                          seed=cfg.seed, start_iter=start_iter, max_iter=s.max_iter, num_workers=cfg.data.num_workers)
+    if not adapter.unlabeled_views:
+        for items in labeled:
+            yield {"labeled": items}
+        return
+    if not data.unlabeled.records:
+        raise BenchError(f"method {cfg.method} needs unlabeled images but the split has none; lower data.ratio below 100")
+    unlabeled = make_loader(data.unlabeled, aug, adapter.unlabeled_views, s.ims_per_batch_unlabeled,
+                            seed=cfg.seed + 7919, start_iter=start_iter, max_iter=s.max_iter,
+                            num_workers=cfg.data.num_workers)
+    for items_l, items_u in zip(labeled, unlabeled):
+        yield {"labeled": items_l, "unlabeled": items_u}
+
+
+def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device) -> dict[str, dict]:
+    """COCO metrics of every model the adapter names (teacher first for mean-teacher methods)."""
+    out = {}
+    test_aug = aug_config(cfg, strong=False)
+    for name, model in adapter.eval_models().items():
+        dets = run_inference(model, data.val, test_aug, device, batch_size=cfg.solver.ims_per_batch_labeled)
+        out[name] = evaluate_coco(data.val, dets, backend=cfg.eval.backend)
+    return out
+
+
+def _scalar_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
+    flat = {}
+    for model_name, stats in results.items():
+        for k, v in stats.items():
+            if isinstance(v, (int, float)):
+                flat[f"{prefix}.{model_name}.{k}"] = float(v)
+            elif isinstance(v, dict):  # per-class AP
+                flat.update({f"{prefix}.{model_name}.{k}.{c}": float(x) for c, x in v.items()
+                             if isinstance(x, (int, float)) and x == x})
+    return flat
+
+
+def run_tags(cfg: RunConfig, key: str, data: SemiData) -> dict[str, str]:
+    return {
+        "method": cfg.method, "lsm": str(cfg.lsm.enabled).lower(), "preset": cfg.preset,
+        "dataset": cfg.data.dataset, "setting": cfg.data.setting, "ratio": f"{cfg.data.ratio:g}",
+        "fold": str(cfg.data.fold), "seed": str(cfg.seed), "cell_key": key, "git_sha": tracking.git_sha(),
+        "split_sha256": data.manifest.sha256, **tracking.package_versions(),
+    }
+
+
+def run_cell(cfg: RunConfig, home: Path, *, track: bool = True, progress: bool = True,
+             parent_run_id: str | None = None, extra_hooks: list | None = None) -> dict:
+    """Train + evaluate one configuration (or return its cached result). Returns result.json's dict."""
+    home = Path(home)
+    data = prepare_data(cfg.data, home)
+    key = cell_key(cfg, data)
+    rdir = run_dir(home, key)
+    result_path = rdir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "config.yaml").write_text(dump_config(cfg))
+    (rdir / "failed.json").unlink(missing_ok=True)
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
+    optimizer = build_optimizer(adapter.student.parameters(), cfg.solver)
+    scheduler = build_scheduler(optimizer, cfg.solver)
+
+    checkpointer = Checkpointer(rdir / "checkpoints")
+    start_iter, state = 0, None
+    if (latest := checkpointer.latest()) is not None:
+        state = checkpointer.load(latest)
+        start_iter = state["iteration"] + 1
+    trainer = Trainer(adapter, optimizer, scheduler, batch_stream(cfg, adapter, data, start_iter), start_iter,
+                      cfg.solver.max_iter, device, amp=cfg.solver.amp, clip_grad_norm=cfg.solver.clip_grad_norm)
+    if state is not None:
+        trainer.load_state_dict(state)
+        set_rng_state(state["rng"])
+
+    tracker = tracking.Tracker(home, enabled=track)
+    run_id_file = rdir / "mlflow_run_id"
+    prior_run = run_id_file.read_text().strip() if (track and run_id_file.exists()) else None
+    run_id = tracker.start(f"{cfg.method}{'+lsm' if cfg.lsm.enabled else ''}-r{cfg.data.ratio:g}-s{cfg.seed}",
+                           run_tags(cfg, key, data), tracking.flatten(cfg.model_dump(mode="json")),
+                           parent_run_id=parent_run_id, run_id=prior_run)
+    if run_id:
+        run_id_file.write_text(run_id)
+
+    def periodic_eval(iteration: int) -> dict:
+        return evaluate_models(adapter, data, cfg, device)
+
+    def log_eval(iteration: int, results: dict) -> None:
+        flat = _scalar_metrics(results)
+        with (rdir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"iteration": iteration, **flat}) + "\n")
+        tracker.log_metrics(flat, step=iteration)
+
+    trainer.register_hooks([
+        *adapter.hooks(),
+        PeriodicCheckpointer(checkpointer, cfg.solver.checkpoint_period),
+        EvalHook(cfg.solver.eval_period, periodic_eval, log_eval),
+        MetricsWriter(rdir / "metrics.jsonl", tracker, cfg.solver.log_period),
+        ProgressHook(f"{cfg.method}{'+LSM' if cfg.lsm.enabled else ''} r={cfg.data.ratio:g}% seed={cfg.seed}",
+                     enabled=progress),
+        *(extra_hooks or []),
+    ])
+    t0 = time.perf_counter()
+    try:
+        trainer.train()
+        results = evaluate_models(adapter, data, cfg, device)
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        if not isinstance(exc, (KeyboardInterrupt, StopTraining)):
+            import traceback
+
+            atomic_write_json(rdir / "failed.json", {"error": f"{type(exc).__name__}: {exc}",
+                                                      "traceback": traceback.format_exc(), "iteration": trainer.iter})
+        tracker.end(status)
+        raise
+    log_eval(cfg.solver.max_iter, results)
+    torch.save({name: m.state_dict() for name, m in adapter.eval_models().items()}, rdir / "model_final.pth")
+    primary = next(iter(results))
+    result = {
+        "key": key, "method": cfg.method, "lsm": cfg.lsm.enabled, "preset": cfg.preset,
+        "ratio": cfg.data.ratio, "fold": cfg.data.fold, "seed": cfg.seed, "primary_model": primary,
+        "metrics": {n: {k: v for k, v in r.items() if k != "summary"} for n, r in results.items()},
+        "summary": results[primary].get("summary", ""),
+        "train_seconds_this_session": time.perf_counter() - t0, "iterations": cfg.solver.max_iter,
+        "mlflow_run_id": run_id,
+    }
+    atomic_write_json(result_path, result)
+    tracker.log_artifact(rdir / "config.yaml")
+    tracker.log_artifact(result_path)
+    tracker.end("FINISHED")
+    return result

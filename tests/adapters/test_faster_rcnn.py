@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+
+from adapters.models.faster_rcnn import build_backbone, build_faster_rcnn, focal_ce_loss, roi_levels
+from bench.config import ModelConfig
+from bench.errors import BenchError
+
+
+def tiny_cfg(**kw):
+    base = dict(arch="tiny", fpn_channels=16, representation_size=32, anchor_sizes=[8, 16, 32, 64, 128],
+                canonical_scale=56, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50, roi_batch_size_per_image=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_focal_loss_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 0.0]])
+    p = math.exp(2) / (math.exp(2) + 2)  # softmax prob of the true class
+    expected = (1 - p) ** 1.5 * -math.log(p)  # 0.0235...
+    assert focal_ce_loss(logits, torch.tensor([0]), 1.5).item() == pytest.approx(expected, rel=1e-5)
+    # gamma 0 is plain cross-entropy
+    assert focal_ce_loss(logits, torch.tensor([0]), 0.0).item() == pytest.approx(-math.log(p), rel=1e-5)
+
+
+def test_roi_levels_follow_fpn_rule():
+    sides = torch.tensor([20.0, 56.0, 111.0, 112.0, 224.0, 448.0, 2000.0])
+    boxes = torch.stack([torch.zeros(7), torch.zeros(7), sides, sides], 1)
+    assert roi_levels(boxes, canonical_scale=224).tolist() == [2, 2, 2, 3, 4, 5, 5]
+    # a smaller canonical scale moves the same boxes up the pyramid
+    assert roi_levels(boxes[:2], canonical_scale=56).tolist() == [2, 4]
+
+
+def test_train_forward_losses_and_detection_shapes():
+    torch.manual_seed(0)
+    model = build_faster_rcnn(tiny_cfg(cls_loss="focal"), num_classes=3)
+    images = [torch.rand(3, 64, 70), torch.rand(3, 60, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 40]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    fwd = model.train_forward(images, targets)
+    assert set(fwd.losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in fwd.losses.values())
+    # the ground-truth box is appended to the proposals and sampled as foreground of class 2
+    assert (fwd.samples.labels == 2).sum() >= 1
+    assert set(fwd.samples.labels.unique().tolist()) <= {2, 3}  # 3 = background (last index)
+    # the padded batch is divisible by 32
+    assert fwd.images.tensors.shape[-2:] == (64, 96)
+    model.eval()
+    dets = model(images)
+    assert len(dets) == 2 and dets[0]["boxes"].shape[1] == 4
+    assert (dets[0]["boxes"][:, 2] <= 70).all() and (dets[1]["boxes"][:, 3] <= 60).all()
+
+
+def test_box_regression_loss_is_l1_over_sampled_rois():
+    model = build_faster_rcnn(tiny_cfg(), num_classes=2)
+    heads = model.roi_heads
+    deltas = torch.zeros(3, 8)
+    deltas[0, 4:] = torch.tensor([1.0, 2.0, 0.0, 0.0])  # class 1 deltas of RoI 0
+    labels = torch.tensor([1, 2, 2])  # one foreground (class 1), two background
+    targets = torch.zeros(3, 4)
+    # |1| + |2| summed over the one foreground RoI, divided by all 3 sampled RoIs
+    assert heads.box_regression_loss(deltas, labels, targets).item() == pytest.approx(1.0)
+
+
+def test_backbone_weights_load_from_a_local_file(tmp_path):
+    from adapters.models.faster_rcnn import TinyTrunk
+
+    trunk = TinyTrunk()
+    torch.nn.init.constant_(trunk.stem[0].weight, 0.125)
+    path = tmp_path / "trunk.pth"
+    torch.save(trunk.state_dict(), path)
+    backbone = build_backbone("tiny", str(path), fpn_channels=16)
+    assert torch.all(backbone.body.body.stem[0].weight == 0.125)
+    torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(BenchError, match="do not match"):
+        build_backbone("tiny", str(tmp_path / "bad.pth"))
+    with pytest.raises(BenchError, match="not found"):
+        build_backbone("tiny", str(tmp_path / "missing.pth"))

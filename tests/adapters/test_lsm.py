@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+
+from adapters.engine.ema import ema_update
+from adapters.engine.mean_teacher import filter_pseudo_labels
+from adapters.lsm import (attach_aux_classifier, downsample, kl_aux_to_main, pim_pool, sd_mask,
+                          shifted_features)
+from adapters.models.faster_rcnn import build_faster_rcnn, roi_levels
+from tests.adapters.test_faster_rcnn import tiny_cfg
+
+
+def test_shift_alignment_pools_the_same_features():
+    """A RoI of level k pooled from P_(k-1)^d equals the RoI pooled from P_k when the maps match."""
+    torch.manual_seed(0)
+    image_size = (128, 128)
+    main = {f"p{k}": torch.randn(1, 4, 128 // 2**k, 128 // 2**k) for k in (2, 3, 4, 5)}
+    # the downsampled image's pyramid, constructed so that P_(k-1)^d == P_k
+    down = {f"p{k - 1}": main[f"p{k}"].clone() for k in (3, 4, 5)}
+    boxes = torch.tensor([[10.0, 12, 60, 70], [0, 0, 100, 100], [30, 30, 58, 62], [0, 0, 127, 127]])
+    levels = roi_levels(boxes, canonical_scale=56)
+    assert levels.tolist() == [3, 4, 3, 5]
+    pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2, canonical_scale=56)
+    expected = pooler(main, [boxes], [image_size])
+    pooled, keep = pim_pool(shifted_features(down, ["p2", "p3", "p4"]), [boxes], canonical_scale=56)
+    assert sorted(keep.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(pooled, expected[keep], atol=1e-6)
+
+
+def test_downsampled_pyramid_has_the_shifted_sizes():
+    model = build_faster_rcnn(tiny_cfg(), num_classes=2)
+    batch = model.preprocess([torch.rand(3, 90, 70)]).tensors
+    full = model.backbone(batch)
+    half = model.backbone(downsample(batch))
+    for src, dst in (("p2", "p3"), ("p3", "p4"), ("p4", "p5")):
+        assert half[src].shape == full[dst].shape
+
+
+def test_rois_without_shifted_source_are_excluded():
+    feats = {3: torch.randn(1, 2, 16, 16), 4: torch.randn(1, 2, 8, 8), 5: torch.randn(1, 2, 4, 4)}
+    boxes = torch.tensor([[0.0, 0, 10, 10],  # level 2: no shifted source -> excluded
+                          [0, 0, 40, 40],  # level 3 (source P2^d)
+                          [0, 0, 80, 80]])  # level 4 (source P3^d)
+    assert roi_levels(boxes, 56).tolist() == [2, 3, 4]
+    _, keep = pim_pool(feats, [boxes], canonical_scale=56)
+    assert sorted(keep.tolist()) == [1, 2]
+    # Table 5 row "P3^d, P4^d": the P2^d source is off, so level-3 RoIs are excluded too
+    _, keep = pim_pool({k: v for k, v in feats.items() if k != 3}, [boxes], canonical_scale=56)
+    assert keep.tolist() == [2]
+
+
+def test_score_masks_for_t_alpha_and_the_sd_interval():
+    det = {"boxes": torch.tensor([[0.0, 0, 10, 10]] * 5), "labels": torch.tensor([0, 1, 0, 1, 0]),
+           "scores": torch.tensor([0.95, 0.7, 0.6, 0.5, 0.3])}
+    assert filter_pseudo_labels([det], 0.7)[0]["scores"].tolist() == pytest.approx([0.95])  # strictly above t
+    assert filter_pseudo_labels([det], 0.5)[0]["scores"].tolist() == pytest.approx([0.95, 0.7, 0.6])
+    # SD: foreground RoIs with matched score in the open interval (alpha, t)
+    labels = torch.tensor([0, 1, 0, 1, 2])  # 2 = background for K=2
+    scores = torch.tensor([0.95, 0.7, 0.6, 0.55, 0.6])
+    assert sd_mask(scores, labels, 2, alpha=0.5, t=0.7).tolist() == [False, False, True, True, False]
+
+
+def test_naive_large_area_keeps_large_low_score_boxes():
+    det = {"boxes": torch.tensor([[0.0, 0, 30, 30], [0, 0, 5, 5], [0, 0, 40, 40]]),
+           "labels": torch.tensor([0, 0, 1]), "scores": torch.tensor([0.6, 0.6, 0.9])}
+    out = filter_pseudo_labels([det], 0.5, min_area=400.0, high=0.7)[0]
+    assert out["boxes"][:, 2].tolist() == [30.0, 40.0]
+
+
+def test_kl_value_and_gradient_reach_both_classifiers():
+    main = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    aux = torch.tensor([[math.log(3.0), 0.0]], requires_grad=True)  # p_aux = (0.75, 0.25)
+    kl = kl_aux_to_main(main, aux)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kl.item() == pytest.approx(expected, rel=1e-6)
+    kl.backward()
+    assert main.grad.abs().sum() > 0 and aux.grad.abs().sum() > 0
+
+
+def test_ema_update_including_buffers():
+    teacher, student = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(3.0)
+        teacher.running_mean.fill_(0.0)
+        student.running_mean.fill_(4.0)
+        student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, keep_rate=0.75)
+    assert teacher.weight.tolist() == [1.5, 1.5]  # 0.75 * 1 + 0.25 * 3
+    assert teacher.running_mean.tolist() == [1.0, 1.0]  # buffers averaged too (UBT)
+    assert int(teacher.num_batches_tracked) == 7  # integer buffers copied
+    ema_update(teacher, student, keep_rate=0.5, include_buffers=False)
+    assert teacher.weight.tolist() == [2.25, 2.25] and teacher.running_mean.tolist() == [1.0, 1.0]
+
+
+def test_inference_is_identical_with_lsm_on_and_off():
+    torch.manual_seed(0)
+    plain = build_faster_rcnn(tiny_cfg(score_thresh=0.0), num_classes=3)
+    with_lsm = build_faster_rcnn(tiny_cfg(score_thresh=0.0), num_classes=3)
+    attach_aux_classifier(with_lsm)
+    missing, unexpected = with_lsm.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and all("aux_cls_score" in k for k in missing)
+    plain.eval(), with_lsm.eval()
+    images = [torch.rand(3, 64, 64)]
+    a, b = plain(images)[0], with_lsm(images)[0]
+    assert len(a["boxes"]) > 0
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
