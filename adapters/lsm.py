@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
-from adapters.models.faster_rcnn import FasterRCNN, RoISamples, TrainForward, roi_levels
+from adapters.models.faster_rcnn import FasterRCNN, RoISamples, TrainForward, pool_by_level
 
 # Shifted source level name -> the main pyramid level it aligns with (same stride in image coords).
 SHIFT = {"p2": 3, "p3": 4, "p4": 5}
@@ -54,31 +53,6 @@ def downsample(images: Tensor) -> Tensor:
 def shifted_features(features_d: dict[str, Tensor], pim_levels: list[str]) -> dict[int, Tensor]:
     """{main level k: P_(k-1)^d} for the selected sources."""
     return {SHIFT[name]: features_d[name] for name in pim_levels}
-
-
-def pim_pool(shifted: dict[int, Tensor], proposals: list[Tensor], canonical_scale: float,
-             output_size: int = 7, sampling_ratio: int = 2) -> tuple[Tensor, Tensor]:
-    """RoIAlign each RoI from the shifted map of its FPN level.
-
-    Returns (pooled features of the kept RoIs, indices of the kept RoIs in the concatenated list).
-    The spatial scale of P_(k-1)^d is 1 / 2^k, exactly that of the main P_k it replaces.
-    """
-    boxes = torch.cat(proposals)
-    batch_idx = torch.cat([torch.full((len(p), 1), i, dtype=boxes.dtype, device=boxes.device)
-                           for i, p in enumerate(proposals)])
-    rois = torch.cat([batch_idx, boxes], dim=1)
-    levels = roi_levels(boxes, canonical_scale)
-    kept, pooled = [], []
-    for level, feat in sorted(shifted.items()):
-        idx = torch.where(levels == level)[0]
-        if len(idx):
-            kept.append(idx)
-            pooled.append(roi_align(feat, rois[idx], output_size, spatial_scale=1.0 / 2**level,
-                                    sampling_ratio=sampling_ratio, aligned=False))
-    if not kept:
-        c = next(iter(shifted.values())).shape[1] if shifted else 0
-        return boxes.new_zeros((0, c, output_size, output_size)), torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    return torch.cat(pooled), torch.cat(kept)
 
 
 def sd_mask(matched_scores: Tensor, labels: Tensor, num_classes: int, alpha: float, t: float) -> Tensor:
@@ -113,10 +87,11 @@ class PIM:
         heads = model.roi_heads
         samples: RoISamples = heads.sample(fwd.proposals, targets)
         features_d = model.backbone(downsample(fwd.images.tensors))
-        pooled, keep = pim_pool(shifted_features(features_d, self.cfg.pim_levels), samples.proposals,
-                                self.canonical_scale, sampling_ratio=self.sampling_ratio)
+        pooled, has_source = pool_by_level(shifted_features(features_d, self.cfg.pim_levels), samples.proposals,
+                                           self.canonical_scale, 7, self.sampling_ratio)
+        keep = torch.where(has_source)[0]  # RoIs of a level without a shifted source are excluded
         labels = samples.labels[keep]
-        box_feats = heads.box_head(pooled)
+        box_feats = heads.box_head(pooled[keep])
         aux_logits = heads.aux_cls_score(box_feats)
         _, deltas = heads.box_predictor(box_feats)  # the shared regression head R
         n = max(len(samples.labels), 1)  # normalise by all sampled RoIs, like the main branch
@@ -126,19 +101,17 @@ class PIM:
         }
         if sd:
             mask = sd_mask(samples.matched_scores[keep], labels, heads.num_classes, self.cfg.alpha, self.t)
-            sel, order = torch.sort(keep[mask])  # image-major order, as _select returns them
-            if len(sel):
-                props = _select(samples.proposals, sel)
-                main_logits = heads.box_predictor.cls_score(
-                    heads.box_features(fwd.features, props, fwd.images.image_sizes))
-                out["loss_sd"] = kl_aux_to_main(main_logits, aux_logits[mask][order])
+            if mask.any():
+                props = _select(samples.proposals, keep[mask])  # ascending indices: same RoI order
+                main_logits = heads.box_predictor.cls_score(heads.box_features(fwd.features, props))
+                out["loss_sd"] = kl_aux_to_main(main_logits, aux_logits[mask])
             else:
                 out["loss_sd"] = aux_logits.sum() * 0
         return out
 
 
 def _select(proposals: list[Tensor], flat_idx: Tensor) -> list[Tensor]:
-    """Per-image proposal lists restricted to indices of the concatenated list (order kept)."""
+    """Per-image proposal lists restricted to ascending indices into the concatenated list."""
     out, start = [], 0
     for p in proposals:
         local = flat_idx[(flat_idx >= start) & (flat_idx < start + len(p))] - start

@@ -66,9 +66,10 @@ class Trainer:
         with ctx:
             out = self.adapter.training_step(self.iter, batch)
         total = sum(out.losses.values())
-        if not math.isfinite(float(total)):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in out.losses.items())
-            raise FloatingPointError(f"loss became {float(total)} at iteration {self.iter}: {detail}")
+        total_value = float(total.detach())
+        if not math.isfinite(total_value):
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.losses.items())
+            raise FloatingPointError(f"loss became {total_value} at iteration {self.iter}: {detail}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.clip_grad_norm:
@@ -79,8 +80,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.latest = {
-            "total_loss": float(total),
-            **{k: float(v) for k, v in out.losses.items()},
+            "total_loss": total_value,
+            **{k: float(v.detach()) for k, v in out.losses.items()},
             **out.metrics,
             "lr": lr,
             "time": time.perf_counter() - t0,

@@ -25,7 +25,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import roi_align
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -152,6 +153,33 @@ def roi_levels(boxes: Tensor, canonical_scale: float, canonical_level: int = 4, 
     return lvl.clamp(k_min, k_max).to(torch.int64)
 
 
+def pool_by_level(features: dict[int, Tensor], proposals: list[Tensor], canonical_scale: float,
+                  output_size: int = 7, sampling_ratio: int = 2) -> tuple[Tensor, Tensor]:
+    """RoIAlign every RoI from the map of its FPN level; `features[k]` has stride 2**k.
+
+    Returns (pooled (R, C, s, s) in RoI order, has_source (R,) bool). A RoI whose level has no map
+    in `features` gets zeros and has_source False (LSM's shifted pyramid has no P2 source).
+    The strides are given, not inferred: torchvision's MultiScaleRoIAlign infers them from the
+    first batch's padded size, which goes wrong on small images with large padding and then stays
+    wrong (and makes a resumed run differ from an uninterrupted one).
+    """
+    boxes = torch.cat(proposals)
+    batch_idx = torch.cat([torch.full((len(p), 1), i, dtype=boxes.dtype, device=boxes.device)
+                           for i, p in enumerate(proposals)])
+    rois = torch.cat([batch_idx, boxes], dim=1)
+    levels = roi_levels(boxes, canonical_scale)
+    some = next(iter(features.values()))
+    pooled = some.new_zeros((len(boxes), some.shape[1], output_size, output_size))
+    has_source = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    for level, feat in features.items():
+        idx = torch.where(levels == level)[0]
+        if len(idx):
+            pooled[idx] = roi_align(feat, rois[idx], output_size, spatial_scale=1.0 / 2**level,
+                                    sampling_ratio=sampling_ratio, aligned=False).to(pooled.dtype)
+            has_source[idx] = True
+    return pooled, has_source
+
+
 @dataclass
 class RoISamples:
     """The RoIs sampled for one loss computation and their targets (concatenated over images)."""
@@ -197,10 +225,7 @@ class RoIHeads(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.canonical_scale = cfg.canonical_scale
-        self.pooler = MultiScaleRoIAlign(
-            ["p2", "p3", "p4", "p5"], output_size=7, sampling_ratio=cfg.pooler_sampling_ratio,
-            canonical_scale=cfg.canonical_scale,
-        )
+        self.sampling_ratio = cfg.pooler_sampling_ratio
         self.box_head = TwoFCHead(in_channels * 7 * 7, cfg.representation_size)
         self.box_predictor = BoxPredictor(cfg.representation_size, num_classes)
         self.matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
@@ -245,8 +270,11 @@ class RoIHeads(nn.Module):
             reg_targets.append(self.box_coder.encode_single(matched_boxes[keep], p[keep]))
         return RoISamples(props, torch.cat(labels), torch.cat(reg_targets), torch.cat(scores), matched)
 
-    def box_features(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes) -> Tensor:
-        return self.box_head(self.pooler(features, proposals, image_sizes))
+    def box_features(self, features: dict[str, Tensor], proposals: list[Tensor]) -> Tensor:
+        """E(RoIAlign(P2..P5)): the main branch's box features."""
+        by_level = {k: features[name] for name, k in POOLED_LEVELS.items()}
+        pooled, _ = pool_by_level(by_level, proposals, self.canonical_scale, 7, self.sampling_ratio)
+        return self.box_head(pooled)
 
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if labels.numel() == 0:
@@ -344,7 +372,7 @@ class FasterRCNN(nn.Module):
         rpn_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         proposals, rpn_losses = self.rpn(image_list, features, rpn_targets)
         samples = self.roi_heads.sample(proposals, targets)
-        box_feats = self.roi_heads.box_features(features, samples.proposals, image_list.image_sizes)
+        box_feats = self.roi_heads.box_features(features, samples.proposals)
         logits, deltas = self.roi_heads.box_predictor(box_feats)
         losses = {
             "loss_rpn_cls": rpn_losses["loss_objectness"],
@@ -357,7 +385,7 @@ class FasterRCNN(nn.Module):
     def detect(self, images: list[Tensor]) -> list[dict]:
         image_list, features = self.extract(images)
         proposals, _ = self.rpn(image_list, features)
-        feats = self.roi_heads.box_features(features, proposals, image_list.image_sizes)
+        feats = self.roi_heads.box_features(features, proposals)
         logits, deltas = self.roi_heads.box_predictor(feats)
         return self.roi_heads.postprocess(logits, deltas, proposals, image_list.image_sizes)
 

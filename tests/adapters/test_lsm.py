@@ -6,9 +6,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from adapters.engine.ema import ema_update
 from adapters.engine.mean_teacher import filter_pseudo_labels
-from adapters.lsm import (attach_aux_classifier, downsample, kl_aux_to_main, pim_pool, sd_mask,
-                          shifted_features)
-from adapters.models.faster_rcnn import build_faster_rcnn, roi_levels
+from adapters.lsm import attach_aux_classifier, downsample, kl_aux_to_main, sd_mask, shifted_features
+from adapters.models.faster_rcnn import build_faster_rcnn, pool_by_level, roi_levels
 from tests.adapters.test_faster_rcnn import tiny_cfg
 
 
@@ -22,11 +21,14 @@ def test_shift_alignment_pools_the_same_features():
     boxes = torch.tensor([[10.0, 12, 60, 70], [0, 0, 100, 100], [30, 30, 58, 62], [0, 0, 127, 127]])
     levels = roi_levels(boxes, canonical_scale=56)
     assert levels.tolist() == [3, 4, 3, 5]
+    # reference: torchvision's own multi-scale pooler on the main pyramid
     pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2, canonical_scale=56)
     expected = pooler(main, [boxes], [image_size])
-    pooled, keep = pim_pool(shifted_features(down, ["p2", "p3", "p4"]), [boxes], canonical_scale=56)
-    assert sorted(keep.tolist()) == [0, 1, 2, 3]
-    assert torch.allclose(pooled, expected[keep], atol=1e-6)
+    main_pooled, _ = pool_by_level({k: main[f"p{k}"] for k in (2, 3, 4, 5)}, [boxes], canonical_scale=56)
+    assert torch.allclose(main_pooled, expected, atol=1e-6)
+    pooled, has_source = pool_by_level(shifted_features(down, ["p2", "p3", "p4"]), [boxes], canonical_scale=56)
+    assert has_source.all()
+    assert torch.allclose(pooled, expected, atol=1e-6)
 
 
 def test_downsampled_pyramid_has_the_shifted_sizes():
@@ -44,11 +46,12 @@ def test_rois_without_shifted_source_are_excluded():
                           [0, 0, 40, 40],  # level 3 (source P2^d)
                           [0, 0, 80, 80]])  # level 4 (source P3^d)
     assert roi_levels(boxes, 56).tolist() == [2, 3, 4]
-    _, keep = pim_pool(feats, [boxes], canonical_scale=56)
-    assert sorted(keep.tolist()) == [1, 2]
+    pooled, has_source = pool_by_level(feats, [boxes], canonical_scale=56)
+    assert has_source.tolist() == [False, True, True]
+    assert pooled[0].abs().sum() == 0
     # Table 5 row "P3^d, P4^d": the P2^d source is off, so level-3 RoIs are excluded too
-    _, keep = pim_pool({k: v for k, v in feats.items() if k != 3}, [boxes], canonical_scale=56)
-    assert keep.tolist() == [2]
+    _, has_source = pool_by_level({k: v for k, v in feats.items() if k != 3}, [boxes], canonical_scale=56)
+    assert has_source.tolist() == [False, False, True]
 
 
 def test_score_masks_for_t_alpha_and_the_sd_interval():

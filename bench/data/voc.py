@@ -1,0 +1,141 @@
+"""Pascal VOC 2007/2012 reader (``ImageSets/Main``, ``Annotations``, ``JPEGImages`` layout).
+
+Conversions follow detectron2's ``load_voc_instances``: VOC boxes are 1-based inclusive pixel
+indices, so ``x1 -= 1, y1 -= 1`` and ``x2, y2`` are kept, giving 0-based continuous coordinates.
+
+``difficult=1`` objects become ``iscrowd=True``: training drops them (as detectron2 does by default)
+and COCO-style evaluation treats them as "ignore" regions, which is how the VOC protocol treats
+difficult objects (they neither count as misses nor make detections false positives).
+
+Image ids are the integer form of the file stem ("000005" -> 5, "2008_000002" -> 2008000002), so
+VOC07 and VOC12 ids never collide; ``stats["stems"]`` maps id -> stem. If any stem is not of that
+form (custom data), ids are instead 1..N in image-set order (``stats["id_scheme"] = "index"``).
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.data.types import DetectionDataset, ImageRecord
+from bench.errors import BenchError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+_STEM = re.compile(r"^\d+(_\d+)?$")
+
+
+def _text(node: ET.Element, tag: str, xml: Path, stem: str) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise BenchError(f"{xml}: image {stem} lacks <{tag}>; fix the annotation XML")
+    return child.text.strip()
+
+
+def _float(node: ET.Element, tag: str, xml: Path, stem: str, where: str) -> float:
+    raw = _text(node, tag, xml, stem)
+    try:
+        return float(raw)
+    except ValueError:
+        raise BenchError(f"{xml}: {where} has non-numeric <{tag}> {raw!r}; fix the annotation XML") from None
+
+
+def load_voc(root: Path, image_set: str = "trainval", name: str | None = None,
+             class_names: tuple[str, ...] | list[str] = VOC_CLASSES, check_images: bool = True) -> DetectionDataset:
+    """Read ``root/ImageSets/Main/<image_set>.txt`` and its XML annotations.
+
+    Category ids are 1..len(class_names) in ``class_names`` order; labels are 0-based.
+    """
+    root = Path(root)
+    list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
+    if not list_file.is_file():
+        raise BenchError(f"VOC image set file {list_file} does not exist; check the VOC root "
+                         f"(it must contain ImageSets/Main/{image_set}.txt) or the image set name")
+    stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise BenchError(f"{list_file}: image {dup} is listed twice; remove the duplicate line")
+    label_of = {n: i for i, n in enumerate(class_names)}
+
+    numeric = all(_STEM.match(s) for s in stems)
+    ids = [int(s.replace("_", "")) for s in stems] if numeric else list(range(1, len(stems) + 1))
+    if numeric and len(set(ids)) != len(ids):
+        ids, numeric = list(range(1, len(stems) + 1)), False
+
+    records: list[ImageRecord] = []
+    clipped = difficult = 0
+    for iid, stem in zip(ids, stems):
+        xml = root / "Annotations" / f"{stem}.xml"
+        file = root / "JPEGImages" / f"{stem}.jpg"
+        if not xml.is_file():
+            raise BenchError(f"{xml}: annotation of image {stem} does not exist; restore the file or "
+                             f"remove {stem} from {list_file}")
+        if check_images and not file.is_file():
+            raise BenchError(f"{file}: image {stem} listed in {list_file} does not exist; restore JPEGImages "
+                             "or remove the line")
+        try:
+            tree = ET.parse(xml).getroot()
+        except ET.ParseError as e:
+            raise BenchError(f"{xml}: malformed XML for image {stem} ({e}); fix or re-download the file") from None
+        size = tree.find("size")
+        if size is not None and size.find("width") is not None:
+            W = _float(size, "width", xml, stem, "<size>")
+            H = _float(size, "height", xml, stem, "<size>")
+        else:  # a few hand-made VOC sets omit <size>: read it from the image header
+            if not file.is_file():
+                raise BenchError(f"{xml}: image {stem} has no <size> and {file} does not exist; add <size> or the image")
+            with Image.open(file) as im:
+                W, H = map(float, im.size)
+        if W <= 0 or H <= 0:
+            raise BenchError(f"{xml}: image {stem} has size {W:g}x{H:g}; fix <size>")
+        boxes, labels, crowd = [], [], []
+        for k, obj in enumerate(tree.findall("object")):
+            cls = _text(obj, "name", xml, stem)
+            where = f"object {k} ({cls}) of image {stem}"
+            if cls not in label_of:
+                raise BenchError(f"{xml}: {where} has unknown class name {cls!r}; fix the name or pass "
+                                 "class_names that include it")
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise BenchError(f"{xml}: {where} lacks <bndbox>; fix the annotation XML")
+            x1, y1, x2, y2 = (_float(bb, t, xml, stem, where) for t in ("xmin", "ymin", "xmax", "ymax"))
+            x1, y1 = x1 - 1.0, y1 - 1.0  # 1-based inclusive -> 0-based continuous (detectron2)
+            if x2 <= x1 or y2 <= y1:
+                raise BenchError(f"{xml}: {where} has empty or inverted box (xmin..xmax, ymin..ymax) = "
+                                 f"({x1 + 1:g}..{x2:g}, {y1 + 1:g}..{y2:g}); fix the box")
+            c = (max(x1, 0.0), max(y1, 0.0), min(x2, W), min(y2, H))
+            if c[2] <= c[0] or c[3] <= c[1]:
+                raise BenchError(f"{xml}: {where} box lies outside the {W:g}x{H:g} image; fix the box or <size>")
+            clipped += c != (x1, y1, x2, y2)
+            diff_node = obj.find("difficult")
+            is_difficult = diff_node is not None and (diff_node.text or "0").strip() == "1"
+            difficult += is_difficult
+            boxes.append(c)
+            labels.append(label_of[cls])
+            crowd.append(is_difficult)
+        records.append(ImageRecord(
+            id=iid, file=file, width=int(W), height=int(H),
+            boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
+            labels=np.array(labels, dtype=np.int64), iscrowd=np.array(crowd, dtype=bool),
+            ann_ids=np.full(len(boxes), -1, dtype=np.int64),
+        ))
+    records.sort(key=lambda r: r.id)
+    return DetectionDataset(
+        name=name or f"{root.name}_{image_set}",
+        records=records,
+        categories=[{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
+        annotation_file=None,
+        stats={"clipped_boxes": clipped, "difficult": difficult, "crowd": difficult,
+               "annotations": sum(len(r.labels) for r in records),
+               "images_without_boxes": sum(1 for r in records if len(r.labels) == 0),
+               "stems": {r_id: s for r_id, s in zip(ids, stems)},
+               "id_scheme": "stem" if numeric else "index", "image_dir": str(root / "JPEGImages")},
+    )
