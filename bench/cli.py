@@ -114,7 +114,7 @@ def eval_cmd(
     for name, model in adapter.eval_models().items():
         model.load_state_dict(state[name])
     for name, stats in evaluate_models(adapter, data, cfg, device).items():
-        console.print(f"[bold]{name}[/bold]\n{stats['summary']}")
+        console.print(f"[bold]{name}[/bold]\n{stats.get('summary', stats)}")
 
 
 @data_app.command("synth")

@@ -28,7 +28,7 @@ from bench.config import RunConfig, dump_config
 from bench.data.loader import make_loader
 from bench.data.sources import SemiData, prepare_data
 from bench.data.transforms import AugConfig
-from bench.evaluate import evaluate_coco
+from bench.evaluate import evaluate_coco, evaluate_voc
 from bench.errors import BenchError
 from bench.paths import run_dir
 
@@ -99,7 +99,10 @@ def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device) -> dict[str
     test_aug = aug_config(cfg, strong=False)
     for name, model in adapter.eval_models().items():
         dets = run_inference(model, data.val, test_aug, device, batch_size=cfg.solver.ims_per_batch_labeled)
-        out[name] = evaluate_coco(data.val, dets, backend=cfg.eval.backend)
+        if cfg.data.dataset == "voc":  # VOC07 test: 11-point AP50 and AP50:95 (detectron2's evaluator)
+            out[name] = evaluate_voc(data.val, dets, use_07_metric=True)
+        else:
+            out[name] = evaluate_coco(data.val, dets, backend=cfg.eval.backend, area_scale=cfg.eval.area_scale)
     return out
 
 

@@ -234,3 +234,14 @@ def test_unreadable_ground_truth(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
     with pytest.raises(BenchError, match="lacks"):
         evaluate_coco(tmp_path / "bad.json", [])
+
+
+def test_area_scale_moves_the_size_bounds_in_both_backends(synthetic):
+    dataset, detections = synthetic
+    default = evaluate_coco(dataset, detections, backend="faster")
+    scaled = {b: evaluate_coco(dataset, detections, backend=b, area_scale=0.5) for b in ("faster", "pycocotools")}
+    for name in COCO_STATS:
+        assert scaled["faster"][name] == pytest.approx(scaled["pycocotools"][name], abs=1e-9, nan_ok=True), name
+    # "all" is untouched; halving the bounds moves boxes from small into medium/large
+    assert scaled["faster"]["AP"] == pytest.approx(default["AP"], abs=1e-9)
+    assert scaled["faster"]["APs"] != pytest.approx(default["APs"], abs=1e-6)
