@@ -205,7 +205,7 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(1)
     except BenchError as err:
-        err_console.print(f"error: {err}", markup=False, highlight=False)
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")

@@ -58,7 +58,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """Faster R-CNN with FPN (torchvision parts). `tiny` is the CPU demo detector."""
 
-    arch: Literal["r50_fpn", "tiny"] = "r50_fpn"
+    arch: Literal["r50_fpn", "mobilenet_v2_fpn", "tiny"] = "r50_fpn"
     weights: str = "none"  # none | imagenet | path to a backbone state_dict
     trainable_layers: int = Field(3, ge=0, le=5)
     fpn_channels: int = 256
@@ -173,11 +173,23 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _known_keys(path: tuple) -> list[str]:
+    """Field names of the config section at `path` (e.g. ("solver",) -> max_iter, base_lr, ...)."""
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown config key '{loc}'; check the spelling against `bench config show`"
+        known = _known_keys(first["loc"][:-1])
+        return f"{source}: unknown config key '{loc}'; known keys there: {', '.join(known)}"
     return f"{source}: invalid value for '{loc}': {first['msg']} (got {first.get('input')!r})"
 
 

