@@ -57,7 +57,12 @@ class Tracker:
         self.home = Path(home)
         self.run_id: str | None = None
         if enabled:
+            import logging
+
             import mlflow
+
+            for name in ("mlflow", "alembic"):  # schema-creation chatter on a new database
+                logging.getLogger(name).setLevel(logging.WARNING)
 
             self._client = mlflow.MlflowClient(tracking_uri=tracking_uri(home))
             exp = self._client.get_experiment_by_name(EXPERIMENT)

