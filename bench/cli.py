@@ -42,7 +42,7 @@ def train(
     method: str = typer.Option("supervised", help="Method: supervised, ubteacher."),
     preset: str = typer.Option("demo", help="Preset in bench/presets (demo, coco, coco_additional, voc, coco_imagenet)."),
     ratio: Optional[float] = typer.Option(None, help="Percent of training images that keep their labels."),
-    seed: Optional[int] = typer.Option(None, help="Training seed (also the split fold unless data.fold is set)."),
+    seed: Optional[int] = typer.Option(None, help="Training seed (the split is chosen by data.fold)."),
     lsm: bool = typer.Option(False, "--lsm", help="Turn LSM (PIM + SD) on."),
     data_root: Optional[Path] = typer.Option(None, help="Data set root for coco/voc presets."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
@@ -175,11 +175,11 @@ def _full_train(data):
 
 @data_app.command("check")
 def data_check(path: Path = typer.Argument(..., help="A COCO JSON file or a VOC root."),
-               images: Optional[Path] = typer.Option(None, help="Image directory (COCO) if not next to the JSON.")):
+               image_dir: Optional[Path] = typer.Option(None, help="Image directory (COCO) if not next to the JSON.")):
     """Validate a data set and print a summary (boxes per class, sizes, problems)."""
     from bench.data.check import check_dataset, format_summary
 
-    summary = check_dataset(path, image_dir=images) if images else check_dataset(path)
+    summary = check_dataset(path, image_dir=image_dir)
     console.print(format_summary(summary))
 
 

@@ -29,4 +29,4 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_config_show_prints_the_validated_preset(tmp_path):
     out = bench("config", "show", "--preset", "demo", "lsm.enabled=true", home=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "enabled: true" in out.stdout and "arch: tiny" in out.stdout
+    assert "enabled: true" in out.stdout and "arch: mobilenet_v2_fpn" in out.stdout

@@ -51,7 +51,7 @@ def _read_json(path: Path) -> object:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise BenchError(f"annotation file {path} does not exist; check the path or run `bench data prepare`") from None
+        raise BenchError(f"annotation file {path} does not exist; check the path (data.root for the coco presets)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BenchError(f"cannot read annotation file {path} ({e}); check permissions/encoding") from None
     try:
@@ -178,7 +178,7 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
         iid, file = missing[0]
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BenchError(f"{path}: image {iid} file {file} does not exist{more}; "
-                         "point --image-dir at the folder holding the images (or download them)")
+                         "point data.root (train) or --image-dir (bench data check) at the folder holding the images")
     return DetectionDataset(
         name=name or path.stem,
         records=records,

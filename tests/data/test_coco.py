@@ -91,7 +91,7 @@ def test_missing_image_file(coco_writer):
     images.append({"id": 6, "file_name": "gone.png", "width": 10, "height": 10})
     path, img_dir = coco_writer(images, anns, CATS, make_files=False)
     (img_dir / "x.png").write_bytes(b"")  # present (not decoded at load time)
-    with pytest.raises(BenchError, match=r"image 6 file .*gone\.png does not exist; point --image-dir"):
+    with pytest.raises(BenchError, match=r"image 6 file .*gone\.png does not exist; point data.root"):
         load_coco(path, img_dir)
     assert len(load_coco(path, img_dir, check_images=False).records) == 2
 
