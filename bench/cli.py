@@ -154,9 +154,9 @@ def data_split(
     data = prepare_data(cfg, _home(home))
     manifest = data.manifest
     if import_ubteacher or import_stac:
-        full = _full_train(data)
-        manifest = (splits.import_ubteacher(import_ubteacher, full, ratio, fold) if import_ubteacher
-                    else splits.import_stac(import_stac, full))
+        pool = data.train_pool()
+        manifest = (splits.import_ubteacher(import_ubteacher, pool, ratio, fold) if import_ubteacher
+                    else splits.import_stac(import_stac, pool))
     if out is not None:
         if out.exists():
             raise BenchError(f"{out} exists; choose another --out or delete it first")
@@ -164,13 +164,6 @@ def data_split(
     console.print(f"{manifest.dataset} {manifest.setting} {manifest.ratio:g}% fold {manifest.fold}: "
                   f"{len(manifest.labeled_ids)} labeled, {len(manifest.unlabeled_ids)} unlabeled, "
                   f"sha256 {manifest.sha256[:16]}" + (f" -> {out}" if out else ""))
-
-
-def _full_train(data):
-    from bench.data.types import DetectionDataset
-
-    records = sorted(data.labeled.records + data.unlabeled.records, key=lambda r: r.id)
-    return DetectionDataset(data.labeled.name, records, data.labeled.categories, data.labeled.annotation_file)
 
 
 @data_app.command("check")

@@ -32,6 +32,11 @@ class SemiData:
     def num_classes(self) -> int:
         return self.labeled.num_classes
 
+    def train_pool(self) -> DetectionDataset:
+        """Labeled + unlabeled images as one data set (id order): what a split divides."""
+        records = sorted(self.labeled.records + self.unlabeled.records, key=lambda r: r.id)
+        return DetectionDataset(self.labeled.name, records, self.labeled.categories, self.labeled.annotation_file)
+
 
 def _require(path: Path, what: str, fix: str) -> Path:
     if not path.exists():
