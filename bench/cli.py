@@ -81,6 +81,130 @@ def _print_result(result: dict) -> None:
     console.print(f"COCO AP ({result['primary_model']}): {result['metrics'][result['primary_model']]['AP']:.2f}")
 
 
+def _plan(table: str, preset: str, seeds: int, ratios: Optional[str], overrides: list[str], home: Path):
+    from bench.plan import build_plan
+    from bench.specs import load_spec
+
+    spec = load_spec(table)
+    ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
+    cells, notes = build_plan(spec, preset, seeds, home, ratio_list, overrides)
+    return spec, cells, notes
+
+
+RATIOS_OPT = typer.Option(None, help="Only these label ratios, e.g. 1,10.")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... table6, figure5."),
+         seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
+         preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
+         home: Optional[Path] = HOME_OPT):
+    """List a table's cells with their cache status and the work left; runs nothing."""
+    home = _home(home)
+    spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    t = Table(title=f"{spec.name} on preset {preset}: {len(cells)} cells")
+    for col in ("row", "column", "seed", "status", "iterations", "key"):
+        t.add_column(col)
+    left = 0
+    for c in cells:
+        status = c.status(home)
+        left += 0 if status == "done" else c.config.solver.max_iter
+        t.add_row(c.row_id, c.column_id, str(c.seed), status, str(c.config.solver.max_iter), c.key[:12])
+    console.print(t)
+    for n in notes:
+        console.print(f"[dim]{n}[/dim]")
+    console.print(f"training iterations left: {left}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... table6, figure5."),
+        seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
+        preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
+        devices: Optional[str] = typer.Option(None, help="cpu or cuda:0,cuda:1 (default: all GPUs, else cpu)."),
+        slots_per_device: int = typer.Option(1, help="Cells run at once per device."),
+        retries: int = typer.Option(0, help="Retry a failed cell this many times."),
+        fail_fast: bool = typer.Option(False, help="Stop scheduling after the first failure."),
+        track: bool = typer.Option(True, help="Log to MLflow."),
+        out: Path = typer.Option(Path("results"), help="Where the tables are written."),
+        home: Optional[Path] = HOME_OPT):
+    """Run every cell of a table that is not done yet (cached cells cost nothing), then report."""
+    import shlex
+
+    import torch
+
+    from bench.executors.local import LocalExecutor
+    from bench.runner import run_cells, start_parent_run
+
+    home = _home(home)
+    spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    if devices is None:
+        n = torch.cuda.device_count()
+        devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
+    executor = LocalExecutor(devices.split(","), slots_per_device, track=track)
+    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    tracker, parent = start_parent_run(home, spec.name, preset, seeds, command) if track else (None, None)
+    status = "FAILED"
+    try:
+        outcome = run_cells(cells, executor, home, retries=retries, fail_fast=fail_fast,
+                            parent_run_id=parent, console=console)
+        status = "FINISHED" if not outcome["failed"] else "FAILED"
+    finally:
+        if tracker is not None:
+            tracker.end(status if sys.exc_info()[0] is None else "KILLED")
+    from bench.runner import report
+
+    paths = report(spec, cells, home, out, preset, command, tracker=tracker)
+    console.print(paths[0].read_text(), markup=False, highlight=False)
+    for n in notes:
+        console.print(f"[dim]{n}[/dim]")
+    console.print(f"{len(outcome['done'])} done, {len(outcome['failed'])} failed, {len(outcome['skipped'])} not run; "
+                  f"tables: {', '.join(str(p) for p in paths)}")
+    for c in outcome["failed"]:
+        err = json.loads((c.directory(home) / "failed.json").read_text())["error"]
+        console.print(f"[red]failed[/red] {c.row_id} {c.column_id} seed {c.seed}: {err} ({c.directory(home)})")
+    if tracker is not None:
+        tracker.end("FAILED" if outcome["failed"] else "FINISHED")
+    if outcome["failed"] or outcome["skipped"]:
+        raise typer.Exit(1)
+
+
+@app.command("report", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... table6, figure5."),
+               seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
+               preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
+               err: str = typer.Option("std", help="std or sem."),
+               out: Path = typer.Option(Path("results"), help="Where the tables are written."),
+               home: Optional[Path] = HOME_OPT):
+    """Build the table (md, csv, tex, html) from whatever cells are done; runs nothing."""
+    import shlex
+
+    from bench.runner import report
+
+    home = _home(home)
+    spec, cells, _ = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = report(spec, cells, home, out, preset, command, err=err)
+    console.print(paths[0].read_text(), markup=False, highlight=False)
+
+
+@app.command()
+def clean(failed: bool = typer.Option(False, "--failed", help="Remove failed cells (they rerun)."),
+          all_: bool = typer.Option(False, "--all", help="Remove every run directory (results too)."),
+          home: Optional[Path] = HOME_OPT):
+    """Remove failed run directories, or all of them."""
+    import shutil
+
+    home = _home(home)
+    if not (failed or all_):
+        raise BenchError("say what to remove: --failed or --all")
+    removed = 0
+    for d in sorted((home / "runs").glob("*/*")):
+        if all_ or (d / "failed.json").exists():
+            shutil.rmtree(d)
+            removed += 1
+    console.print(f"removed {removed} run directories under {home / 'runs'}")
+
+
 @app.command("eval")
 def eval_cmd(
     run: str = typer.Argument(..., help="A run directory or cell key (prefix) under BENCH_HOME/runs."),

@@ -214,3 +214,28 @@ def run_cell(cfg: RunConfig, home: Path, *, track: bool = True, progress: bool =
     tracker.log_artifact(result_path)
     tracker.end("FINISHED")
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.worker CONFIG.yaml --home DIR [--parent-run-id ID]`: one cell, no progress bar.
+
+    The runner starts one such process per cell, so a crash, a NaN or an out-of-memory kill stays
+    in that cell (its failed.json) and the orchestrator goes on.
+    """
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="bench.worker")
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--home", type=Path, required=True)
+    ap.add_argument("--parent-run-id", default=None)
+    ap.add_argument("--no-track", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = RunConfig.model_validate(yaml.safe_load(args.config.read_text()))
+    run_cell(cfg, args.home, track=not args.no_track, progress=False, parent_run_id=args.parent_run_id)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
