@@ -7,6 +7,7 @@ directory if there is one, trains, evaluates the models the adapter names, and w
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -138,6 +139,23 @@ def run_cell(cfg: RunConfig, home: Path, *, track: bool = True, progress: bool =
     if result_path.exists():
         return json.loads(result_path.read_text())
     rdir.mkdir(parents=True, exist_ok=True)
+    # One process per cell: a second one (e.g. a rerun while an orphaned worker of a killed
+    # orchestrator still trains) waits here, then finds the result. The OS drops the lock when
+    # its holder dies, however it dies.
+    lock = (rdir / "lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        return _train_cell(cfg, home, data, key, rdir, track, progress, parent_run_id, extra_hooks)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path, track: bool, progress: bool,
+                parent_run_id: str | None, extra_hooks: list | None) -> dict:
+    result_path = rdir / "result.json"
     (rdir / "config.yaml").write_text(dump_config(cfg))
     (rdir / "failed.json").unlink(missing_ok=True)
 
