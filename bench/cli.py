@@ -188,6 +188,44 @@ def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help="table1
 
 
 @app.command()
+def status(home: Optional[Path] = HOME_OPT):
+    """Every run directory under BENCH_HOME: method, setting, status (done / failed / partial / running)."""
+    import fcntl
+
+    import yaml
+
+    home = _home(home)
+    t = Table(title=f"runs in {home / 'runs'}")
+    for col in ("key", "method", "lsm", "preset", "ratio", "seed", "status", "AP (reported)"):
+        t.add_column(col)
+    counts: dict[str, int] = {}
+    for d in sorted((home / "runs").glob("*/*")):
+        if not (d / "config.yaml").exists():
+            continue
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        ap = ""
+        if (d / "result.json").exists():
+            state = "done"
+            r = json.loads((d / "result.json").read_text())
+            ap = f"{r['metrics'][r['primary_model']].get('AP', float('nan')):.2f}"
+        elif (d / "failed.json").exists():
+            state = "failed"
+        else:
+            state = "partial" if (d / "checkpoints" / "last_checkpoint").exists() else "pending"
+            with (d / "lock").open("a") as lock:  # a worker holds the lock while it trains
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    state = "running"
+        counts[state] = counts.get(state, 0) + 1
+        t.add_row(d.name[:12], cfg["method"], str(cfg["lsm"]["enabled"]).lower(), cfg["preset"],
+                  f"{cfg['data']['ratio']:g}", str(cfg["seed"]), state, ap)
+    console.print(t)
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs yet")
+
+
+@app.command()
 def clean(failed: bool = typer.Option(False, "--failed", help="Remove failed cells (they rerun)."),
           all_: bool = typer.Option(False, "--all", help="Remove every run directory (results too)."),
           home: Optional[Path] = HOME_OPT):
