@@ -348,7 +348,7 @@ class RoIHeads(nn.Module):
     def postprocess(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes) -> list[dict]:
         """Softmax scores, class-specific boxes, score threshold, per-class NMS, top-k."""
         boxes_per_image = [len(p) for p in proposals]
-        pred_boxes = self.box_coder.decode(deltas, proposals).reshape(sum(boxes_per_image), -1, 4)
+        pred_boxes = self.box_coder.decode(deltas, proposals).reshape(len(deltas), self.num_classes, 4)
         scores = F.softmax(logits, -1)[:, :-1]
         out = []
         for boxes, sc, size in zip(pred_boxes.split(boxes_per_image), scores.split(boxes_per_image), image_sizes):
