@@ -107,3 +107,11 @@ def test_packaged_weights_name_a_missing_package(monkeypatch):
     with pytest.raises(BenchError, match="is for model.arch=mobilenet_v2_fpn"):
         resolve_weights("tiny", "mobilenet_v2_imagenet")
     assert resolve_weights("tiny", "none") == "none"
+
+
+def test_postprocess_with_no_proposals_returns_empty_detections():
+    model = build_faster_rcnn(tiny_cfg(), num_classes=3)
+    heads = model.roi_heads
+    empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
+    dets = heads.postprocess(torch.zeros(0, 4), torch.zeros(0, 12), empty, [(64, 64), (64, 64)])
+    assert [len(d["boxes"]) for d in dets] == [0, 0] and dets[0]["boxes"].shape == (0, 4)
