@@ -176,6 +176,16 @@ def _filtered_ids(dataset: DetectionDataset) -> list[int]:
     return sorted(r.id for r in dataset.records if (~r.iscrowd).any())
 
 
+def _read_split_json(path: Path, missing: str, fix: str):
+    """A split file's JSON, or a BenchError saying it is missing (`missing`) or invalid (+ `fix`)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchError(missing) from None
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path}: invalid JSON ({e}); {fix}") from None
+
+
 def import_ubteacher(seed_file: Path, dataset: DetectionDataset, percent: float, seed: int) -> SplitManifest:
     """Import Unbiased Teacher's ``COCO_supervision.txt`` (JSON: {"1.0": {"0": [idx, ...]}}).
 
@@ -183,13 +193,8 @@ def import_ubteacher(seed_file: Path, dataset: DetectionDataset, percent: float,
     the unlabeled set is the rest of that filtered list, as in UBTeacher's ``divide_label_unlabel``.
     """
     seed_file = Path(seed_file)
-    try:
-        doc = json.loads(seed_file.read_text())
-    except FileNotFoundError:
-        raise BenchError(f"seed file {seed_file} does not exist; download unbiased-teacher's "
-                         "dataseed/COCO_supervision.txt") from None
-    except json.JSONDecodeError as e:
-        raise BenchError(f"{seed_file}: invalid JSON ({e}); use the original dataseed/COCO_supervision.txt") from None
+    doc = _read_split_json(seed_file, f"seed file {seed_file} does not exist; download unbiased-teacher's "
+                           "dataseed/COCO_supervision.txt", "use the original dataseed/COCO_supervision.txt")
     if not isinstance(doc, dict):
         raise BenchError(f"{seed_file}: expected a JSON object keyed by percent; use the original seed file")
     key = next((k for k in doc if _same_number(k, percent)), None)
@@ -242,16 +247,11 @@ def import_stac(labeled_json: Path, dataset: DetectionDataset) -> SplitManifest:
     file name does not follow the convention, fold is 0 and the ratio is the actual percentage.
     """
     labeled_json = Path(labeled_json)
-    if _STAC_NAME.search(labeled_json.name) and _STAC_NAME.search(labeled_json.name).group(3):
+    if (match := _STAC_NAME.search(labeled_json.name)) and match.group(3):
         raise BenchError(f"{labeled_json.name} is the unlabeled half of a STAC split; pass the labeled file "
                          f"{labeled_json.name.replace('-unlabeled', '')}")
-    try:
-        doc = json.loads(labeled_json.read_text())
-    except FileNotFoundError:
-        raise BenchError(f"STAC split file {labeled_json} does not exist; check the path (semi_anns/ or "
-                         "annotations/semi_supervised/)") from None
-    except json.JSONDecodeError as e:
-        raise BenchError(f"{labeled_json}: invalid JSON ({e}); regenerate the STAC split file") from None
+    doc = _read_split_json(labeled_json, f"STAC split file {labeled_json} does not exist; check the path "
+                           "(semi_anns/ or annotations/semi_supervised/)", "regenerate the STAC split file")
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise BenchError(f"{labeled_json}: no 'images' list; pass a COCO-format STAC split file")
     try:
