@@ -68,6 +68,9 @@ class Adapter(ABC):
     name: ClassVar[str] = ""
     labeled_views: ClassVar[tuple[str, ...]] = ("weak",)
     unlabeled_views: ClassVar[tuple[str, ...]] = ()  # empty: the method uses no unlabeled data
+    # True: the first `semi.burn_in` iterations are supervised and independent of the semi-supervised
+    # settings, so cells can share them (bench/burn_in.py)
+    shares_burn_in: ClassVar[bool] = False
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
         from adapters.models.faster_rcnn import build_faster_rcnn
@@ -87,6 +90,10 @@ class Adapter(ABC):
 
     def hooks(self) -> list:
         return []
+
+    def unlabeled_start(self) -> int:
+        """First iteration that reads unlabeled images (none are loaded before: burn-in is cheaper)."""
+        return 0
 
     def state_dict(self) -> dict:
         return {"student": self.student.state_dict()}

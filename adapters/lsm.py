@@ -33,11 +33,19 @@ SHIFT = {"p2": 3, "p3": 4, "p4": 5}
 
 
 def attach_aux_classifier(model: FasterRCNN) -> None:
-    """Add F_aux (a second K+1-way classifier) to a detector; inference never uses it."""
+    """Add F_aux (a second K+1-way classifier) to a detector; inference never uses it.
+
+    It is initialised inside a forked RNG: drawing from the global stream would shift every later
+    random draw, and UBT and UBT+LSM could not share one burn-in (bench/burn_in.py). Its start
+    values are overwritten by `init_aux_from_main` when the teacher is created anyway.
+    """
     rep = model.roi_heads.box_predictor.cls_score.in_features
-    model.roi_heads.aux_cls_score = nn.Linear(rep, model.num_classes + 1)
-    nn.init.normal_(model.roi_heads.aux_cls_score.weight, std=0.01)
-    nn.init.constant_(model.roi_heads.aux_cls_score.bias, 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        aux = nn.Linear(rep, model.num_classes + 1)
+        nn.init.normal_(aux.weight, std=0.01)
+        nn.init.constant_(aux.bias, 0)
+    model.roi_heads.aux_cls_score = aux.to(model.roi_heads.box_predictor.cls_score.weight.device)
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from bench.errors import BenchError
 class UnbiasedTeacher(Adapter):
     labeled_views = ("weak", "strong")
     unlabeled_views = ("weak", "strong")
+    shares_burn_in = True
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
         super().__init__(cfg, num_classes, device)
@@ -47,6 +48,9 @@ class UnbiasedTeacher(Adapter):
         on_copy = (lambda: init_aux_from_main(self.student)) if self.pim else None
         return [MeanTeacherHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
                                 include_buffers=True, on_copy=on_copy)]
+
+    def unlabeled_start(self) -> int:
+        return self.cfg.semi.burn_in
 
     def eval_models(self) -> dict:
         models = {"teacher": self.teacher}  # the paper reports the teacher

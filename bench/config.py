@@ -141,6 +141,9 @@ class EvalConfig(_Strict):
 
 class RunConfig(_Strict):
     method: str = "supervised"
+    # burn_in: only the supervised burn-in of a mean-teacher method, a cell shared by every
+    # setting that starts from it (bench/burn_in.py)
+    stage: Literal["full", "burn_in"] = "full"
     preset: str = "demo"
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from adapters.engine.hooks import EvalHook, MetricsWriter, PeriodicCheckpointer,
 from adapters.engine.inference import run_inference
 from adapters.engine.solver import build_optimizer, build_scheduler
 from adapters.engine.trainer import StopTraining, Trainer
-from bench import tracking
+from bench import burn_in, tracking
+from bench.burn_in import burn_in_config
 from bench.config import RunConfig, dump_config
 from bench.data.loader import make_loader
 from bench.data.sources import SemiData, prepare_data
@@ -34,7 +36,8 @@ from bench.errors import BenchError
 from bench.paths import run_dir
 
 # Bump a method's version when a code change alters its results: old cells then get new keys.
-CODE_VERSION = {"supervised": 1, "ubteacher": 1}
+# ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
+CODE_VERSION = {"supervised": 1, "ubteacher": 2}
 
 
 def cell_key(cfg: RunConfig, data: SemiData) -> str:
@@ -75,7 +78,9 @@ def aug_config(cfg: RunConfig, strong: bool) -> AugConfig:
 
 
 def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
-    """{"labeled": items, "unlabeled": items} per iteration; a pure function of (seed, iteration)."""
+    """{"labeled": items, "unlabeled": items} per iteration; a pure function of (seed, iteration).
+
+    Unlabeled items are None before `adapter.unlabeled_start()` (burn-in reads no unlabeled images)."""
     s = cfg.solver
     strong = "strong" in adapter.labeled_views + adapter.unlabeled_views
     aug = aug_config(cfg, strong)
@@ -87,11 +92,12 @@ def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
         return
     if not data.unlabeled.records:
         raise BenchError(f"method {cfg.method} needs unlabeled images but the split has none; lower data.ratio below 100")
-    unlabeled = make_loader(data.unlabeled, aug, adapter.unlabeled_views, s.ims_per_batch_unlabeled,
-                            seed=cfg.seed + 7919, start_iter=start_iter, max_iter=s.max_iter,
-                            num_workers=cfg.data.num_workers)
-    for items_l, items_u in zip(labeled, unlabeled):
-        yield {"labeled": items_l, "unlabeled": items_u}
+    u_start = max(start_iter, adapter.unlabeled_start())
+    unlabeled = iter(make_loader(data.unlabeled, aug, adapter.unlabeled_views, s.ims_per_batch_unlabeled,
+                                 seed=cfg.seed + 7919, start_iter=u_start, max_iter=s.max_iter,
+                                 num_workers=cfg.data.num_workers))
+    for it, items_l in enumerate(labeled, start_iter):
+        yield {"labeled": items_l, "unlabeled": next(unlabeled) if it >= u_start else None}
 
 
 def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device) -> dict[str, dict]:
@@ -121,7 +127,7 @@ def _scalar_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str,
 
 def run_tags(cfg: RunConfig, key: str, data: SemiData) -> dict[str, str]:
     return {
-        "method": cfg.method, "lsm": str(cfg.lsm.enabled).lower(), "preset": cfg.preset,
+        "method": cfg.method, "stage": cfg.stage, "lsm": str(cfg.lsm.enabled).lower(), "preset": cfg.preset,
         "dataset": cfg.data.dataset, "setting": cfg.data.setting, "ratio": f"{cfg.data.ratio:g}",
         "fold": str(cfg.data.fold), "seed": str(cfg.seed), "cell_key": key, "git_sha": tracking.git_sha(),
         "split_sha256": data.manifest.sha256, **tracking.package_versions(),
@@ -164,22 +170,29 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
     optimizer = build_optimizer(adapter.student.parameters(), cfg.solver)
     scheduler = build_scheduler(optimizer, cfg.solver)
+    end_iter = cfg.semi.burn_in if cfg.stage == "burn_in" else cfg.solver.max_iter
+    trainer = Trainer(adapter, optimizer, scheduler, None, 0, end_iter, device, amp=cfg.solver.amp,
+                      clip_grad_norm=cfg.solver.clip_grad_norm)
 
     checkpointer = Checkpointer(rdir / "checkpoints")
-    start_iter, state = 0, None
-    if (latest := checkpointer.latest()) is not None:
+    burn_in_from = None
+    if (latest := checkpointer.latest()) is not None:  # resume this cell
         state = checkpointer.load(latest)
-        start_iter = state["iteration"] + 1
-    trainer = Trainer(adapter, optimizer, scheduler, batch_stream(cfg, adapter, data, start_iter), start_iter,
-                      cfg.solver.max_iter, device, amp=cfg.solver.amp, clip_grad_norm=cfg.solver.clip_grad_norm)
-    if state is not None:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
+        trainer.start_iter = state["iteration"] + 1
+    elif (bcfg := burn_in_config(cfg)) is not None:  # or start from its shared burn-in, if trained
+        bdir = run_dir(home, cell_key(bcfg, data))
+        if (bdir / "result.json").exists():
+            trainer.start_iter = burn_in.load(bdir / burn_in.CHECKPOINT, trainer)
+            burn_in_from = bdir.name
+    trainer.iter = trainer.start_iter
+    trainer.data = batch_stream(cfg, adapter, data, trainer.start_iter)
 
     tracker = tracking.Tracker(home, enabled=track)
     run_id_file = rdir / "mlflow_run_id"
     prior_run = run_id_file.read_text().strip() if (track and run_id_file.exists()) else None
-    run_id = tracker.start(f"{cfg.method}{'+lsm' if cfg.lsm.enabled else ''}-r{cfg.data.ratio:g}-s{cfg.seed}",
+    run_id = tracker.start(f"{cell_label(cfg)}-r{cfg.data.ratio:g}-s{cfg.seed}",
                            run_tags(cfg, key, data), tracking.flatten(cfg.model_dump(mode="json")),
                            parent_run_id=parent_run_id, run_id=prior_run)
     if run_id:
@@ -199,14 +212,14 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         PeriodicCheckpointer(checkpointer, cfg.solver.checkpoint_period),
         EvalHook(cfg.solver.eval_period, periodic_eval, log_eval),
         MetricsWriter(rdir / "metrics.jsonl", tracker, cfg.solver.log_period),
-        ProgressHook(f"{cfg.method}{'+LSM' if cfg.lsm.enabled else ''} r={cfg.data.ratio:g}% seed={cfg.seed}",
+        ProgressHook(f"{cell_label(cfg)} r={cfg.data.ratio:g}% seed={cfg.seed}",
                      enabled=progress),
         *(extra_hooks or []),
     ])
     t0 = time.perf_counter()
     try:
         trainer.train()
-        results = evaluate_models(adapter, data, cfg, device)
+        results = {} if cfg.stage == "burn_in" else evaluate_models(adapter, data, cfg, device)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         if not isinstance(exc, (KeyboardInterrupt, StopTraining)):
@@ -216,22 +229,31 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
                                                       "traceback": traceback.format_exc(), "iteration": trainer.iter})
         tracker.end(status)
         raise
-    log_eval(cfg.solver.max_iter, results)
-    torch.save({name: m.state_dict() for name, m in adapter.eval_models().items()}, rdir / "model_final.pth")
-    primary = next(iter(results))
     result = {
-        "key": key, "method": cfg.method, "lsm": cfg.lsm.enabled, "preset": cfg.preset,
-        "ratio": cfg.data.ratio, "fold": cfg.data.fold, "seed": cfg.seed, "primary_model": primary,
-        "metrics": {n: {k: v for k, v in r.items() if k != "summary"} for n, r in results.items()},
-        "summary": results[primary].get("summary", ""),
-        "train_seconds_this_session": time.perf_counter() - t0, "iterations": cfg.solver.max_iter,
+        "key": key, "method": cfg.method, "stage": cfg.stage, "lsm": cfg.lsm.enabled, "preset": cfg.preset,
+        "ratio": cfg.data.ratio, "fold": cfg.data.fold, "seed": cfg.seed, "iterations": end_iter,
+        "train_seconds_this_session": time.perf_counter() - t0, "burn_in_from": burn_in_from,
         "mlflow_run_id": run_id,
     }
+    if cfg.stage == "burn_in":
+        burn_in.save(rdir / burn_in.CHECKPOINT, trainer, end_iter - 1)
+    else:
+        log_eval(end_iter, results)
+        torch.save({name: m.state_dict() for name, m in adapter.eval_models().items()}, rdir / "model_final.pth")
+        primary = next(iter(results))
+        result.update({"primary_model": primary, "summary": results[primary].get("summary", ""),
+                       "metrics": {n: {k: v for k, v in r.items() if k != "summary"} for n, r in results.items()}})
     atomic_write_json(result_path, result)
+    shutil.rmtree(rdir / "checkpoints", ignore_errors=True)  # the cell is done: its outputs are above
     tracker.log_artifact(rdir / "config.yaml")
     tracker.log_artifact(result_path)
     tracker.end("FINISHED")
     return result
+
+
+def cell_label(cfg: RunConfig) -> str:
+    """ubteacher+lsm, supervised, ubteacher:burn-in ..."""
+    return cfg.method + ("+lsm" if cfg.lsm.enabled else "") + (":burn-in" if cfg.stage == "burn_in" else "")
 
 
 def main(argv: list[str] | None = None) -> int:

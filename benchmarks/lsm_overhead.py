@@ -38,7 +38,7 @@ def build(preset: str, lsm: bool, device: str, home: Path, overrides: list[str])
     adapter.teacher.load_state_dict(adapter.student.state_dict())
     # a teacher that finds something: lower its score threshold so that pseudo-labels exist
     adapter.teacher.roi_heads.score_thresh = 0.0
-    batch = next(batch_stream(cfg, adapter, data, 0))
+    batch = next(batch_stream(cfg, adapter, data, cfg.semi.burn_in))
     return adapter, batch
 
 

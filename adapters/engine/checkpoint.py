@@ -66,3 +66,49 @@ class Checkpointer:
         # Checkpoints hold RNG states (numpy tuples), so they are not weights-only files; they are
         # only ever read from the run's own directory.
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def named_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler) -> dict:
+    """Model weights and optimizer state keyed by parameter *name*, not position.
+
+    A shared burn-in checkpoint is trained without LSM's F_aux and loaded into a model that has it:
+    positional optimizer state would pair the wrong tensors, names pair them right.
+    """
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    opt = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    names = [name_of[id(p)] for p in params]
+    return {
+        "model": model.state_dict(),
+        "optimizer_state": {names[i]: s for i, s in opt["state"].items()},
+        "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+                         for g in opt["param_groups"]],
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+
+
+def load_named_training_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                              scaler, new_prefixes: tuple[str, ...] = ()) -> None:
+    """Inverse of `named_training_state`. Parameters under `new_prefixes` may be absent from the
+    state (they keep their values and start without optimizer state); anything else missing is an error."""
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    bad = [k for k in missing if not k.startswith(new_prefixes)] + list(unexpected)
+    if bad:
+        raise KeyError(f"checkpoint does not match the model: {', '.join(bad[:5])}")
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    if len(optimizer.param_groups) != len(state["param_groups"]):
+        raise KeyError("checkpoint has a different number of optimizer parameter groups")
+    indexed_state, groups, index = {}, [], 0
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        ids = []
+        for p in group["params"]:
+            name = name_of[id(p)]
+            if name in state["optimizer_state"]:
+                indexed_state[index] = state["optimizer_state"][name]
+            ids.append(index)
+            index += 1
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": indexed_state, "param_groups": groups})
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])

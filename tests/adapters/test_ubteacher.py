@@ -33,7 +33,8 @@ def _adapter(cfg, data, **lsm):
 
 
 def _first_batch(cfg, adapter, data):
-    return next(batch_stream(cfg, adapter, data, 0))
+    """The batch of the first semi-supervised iteration (it has unlabeled images)."""
+    return next(batch_stream(cfg, adapter, data, cfg.semi.burn_in))
 
 
 def test_burn_in_step_is_supervised_on_both_views(setting):

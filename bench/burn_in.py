@@ -1,0 +1,52 @@
+"""Shared burn-in: the cells of one split and seed that differ only after burn-in start from one
+burn-in checkpoint, itself a cached cell.
+
+A mean-teacher method's first `semi.burn_in` iterations are supervised training that none of the
+semi-supervised settings (t, lambda_u, EMA rate, LSM) touch, so UBT, UBT+LSM and every threshold of
+a sweep repeat the same computation there. The burn-in cell's config is the cell's config with
+those settings reset and `stage: burn_in`; it trains to `semi.burn_in` and saves the weights and
+the optimizer state by parameter name (LSM's extra classifier is absent from it). A cell that finds
+its burn-in done starts at iteration `burn_in` from it; the result is the one it would reach
+training alone (tests/test_burn_in.py), because F_aux is initialised outside the global RNG stream
+and the batch of an iteration depends on (seed, iteration) only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapters.base import get_adapter
+from adapters.engine.checkpoint import load_named_training_state, named_training_state, rng_state, set_rng_state
+from bench.config import EvalConfig, LSMConfig, RunConfig, SemiConfig
+
+CHECKPOINT = "burn_in.pth"
+# Parameters a cell may add on top of the burn-in model (LSM's F_aux).
+NEW_PARAMETER_PREFIXES = ("roi_heads.aux_cls_score.",)
+
+
+def burn_in_config(cfg: RunConfig) -> RunConfig | None:
+    """The burn-in cell `cfg` starts from, or None when its method has no shareable burn-in."""
+    if cfg.stage != "full" or cfg.semi.burn_in == 0 or not get_adapter(cfg.method).shares_burn_in:
+        return None
+    return RunConfig.model_validate({
+        **cfg.model_dump(), "stage": "burn_in", "lsm": LSMConfig().model_dump(),
+        "semi": SemiConfig(burn_in=cfg.semi.burn_in).model_dump(), "eval": EvalConfig().model_dump(),
+    })
+
+
+def save(path: Path, trainer, iteration: int) -> None:
+    state = named_training_state(trainer.adapter.student, trainer.optimizer, trainer.scheduler, trainer.scaler)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"iteration": iteration, "rng": rng_state(), **state}, tmp)
+    tmp.replace(path)
+
+
+def load(path: Path, trainer) -> int:
+    """Put the burn-in state into `trainer`; returns the iteration to continue from."""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
+    load_named_training_state(state, trainer.adapter.student, trainer.optimizer, trainer.scheduler, trainer.scaler,
+                              new_prefixes=NEW_PARAMETER_PREFIXES)
+    set_rng_state(state["rng"])
+    return state["iteration"] + 1
