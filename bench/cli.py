@@ -5,7 +5,9 @@ Bad input raises BenchError, printed as one line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -91,37 +93,50 @@ def _plan(table: str, preset: str, seeds: int, ratios: Optional[str], overrides:
     return spec, cells, notes
 
 
-RATIOS_OPT = typer.Option(None, help="Only these label ratios, e.g. 1,10.")
+RATIOS_OPT = typer.Option(None, help="Only these label ratios, e.g. 1,10 (named ratios run even with few labels).")
+TABLE_HELP = "table1 ... table6, figure5, or a spec .yaml file."
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def plan(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... table6, figure5."),
+def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
          seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
          preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
          home: Optional[Path] = HOME_OPT):
     """List a table's cells with their cache status and the work left; runs nothing."""
     home = _home(home)
     spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    from bench.plan import estimate_seconds, seconds_per_iteration
+
     t = Table(title=f"{spec.name} on preset {preset}: {len(cells)} cells")
-    for col in ("row", "column", "seed", "status", "iterations", "key"):
+    for col in ("row", "column", "seed", "status", "iterations", "est. min", "key"):
         t.add_column(col)
-    left = 0
+    speeds = seconds_per_iteration(home)
+    left, seconds, unknown = 0, 0.0, 0
     for c in cells:
         status = c.status(home)
-        left += 0 if status == "done" else c.config.solver.max_iter
-        t.add_row(c.row_id, c.column_id, str(c.seed), status, str(c.config.solver.max_iter), c.key[:12])
+        est = None if status == "done" else estimate_seconds(c, speeds)
+        if status != "done":
+            left += c.iterations - (c.config.semi.burn_in if c.depends_on else 0)
+            seconds += est or 0.0
+            unknown += est is None
+        iters = f"{c.iterations}" if c.depends_on is None else f"{c.config.semi.burn_in}+{c.iterations - c.config.semi.burn_in}"
+        t.add_row(c.row_id, c.column_id, str(c.seed), status, iters, "" if est is None else f"{est / 60:.1f}", c.key[:12])
     console.print(t)
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
-    console.print(f"training iterations left: {left}")
+    estimate = f"; about {seconds / 60:.0f} min of one worker slot" if seconds else ""
+    if unknown:
+        estimate += f" ({unknown} cells of kinds not timed yet in this store)"
+    console.print(f"training iterations left: {left}{estimate}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... table6, figure5."),
+def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
         seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
         preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
         devices: Optional[str] = typer.Option(None, help="cpu or cuda:0,cuda:1 (default: all GPUs, else cpu)."),
-        slots_per_device: int = typer.Option(1, help="Cells run at once per device."),
+        slots_per_device: Optional[int] = typer.Option(
+            None, help="Cells run at once per device (default: 1 per GPU; on CPU one per core, at most 4)."),
         retries: int = typer.Option(0, help="Retry a failed cell this many times."),
         fail_fast: bool = typer.Option(False, help="Stop scheduling after the first failure."),
         track: bool = typer.Option(True, help="Log to MLflow."),
@@ -132,28 +147,25 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... ta
 
     import torch
 
+    from bench import tracking
     from bench.executors.local import LocalExecutor
-    from bench.runner import run_cells, start_parent_run
 
     home = _home(home)
     spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     if devices is None:
         n = torch.cuda.device_count()
         devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
+    if slots_per_device is None:
+        slots_per_device = 1 if devices.startswith("cuda") else max(1, min(os.cpu_count() or 1, 4))
     executor = LocalExecutor(devices.split(","), slots_per_device, track=track)
     command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    tracker, parent = start_parent_run(home, spec.name, preset, seeds, command) if track else (None, None)
-    status = "FAILED"
-    try:
-        outcome = run_cells(cells, executor, home, retries=retries, fail_fast=fail_fast,
-                            parent_run_id=parent, console=console)
-        status = "FINISHED" if not outcome["failed"] else "FAILED"
-    finally:
-        if tracker is not None:
-            tracker.end(status if sys.exc_info()[0] is None else "KILLED")
-    from bench.runner import report
-
-    paths = report(spec, cells, home, out, preset, command, tracker=tracker)
+    serve = track and not os.environ.get("MLFLOW_TRACKING_URI") and executor.slots > tracking.SQLITE_MAX_WORKERS
+    with tracking.LocalServer(home) if serve else contextlib.nullcontext() as server:
+        if server is not None:
+            console.print(f"[dim]{executor.slots} workers: MLflow logging goes through {server.url} "
+                          f"(sqlite alone serialises writers)[/dim]")
+        outcome, paths = _run_and_report(spec, cells, notes, executor, home, preset, seeds, command, retries,
+                                         fail_fast, track, out)
     console.print(paths[0].read_text(), markup=False, highlight=False)
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
@@ -162,14 +174,30 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... ta
     for c in outcome["failed"]:
         err = json.loads((c.directory(home) / "failed.json").read_text())["error"]
         console.print(f"[red]failed[/red] {c.row_id} {c.column_id} seed {c.seed}: {err} ({c.directory(home)})")
-    if tracker is not None:
-        tracker.end("FAILED" if outcome["failed"] else "FINISHED")
     if outcome["failed"] or outcome["skipped"]:
         raise typer.Exit(1)
 
 
+def _run_and_report(spec, cells, notes, executor, home, preset, seeds, command, retries, fail_fast, track, out):
+    """One MLflow parent run around the cells and the tables; KILLED if interrupted."""
+    from bench.runner import report, run_cells, start_parent_run
+
+    tracker, parent = start_parent_run(home, spec.name, preset, seeds, command) if track else (None, None)
+    try:
+        outcome = run_cells(cells, executor, home, retries=retries, fail_fast=fail_fast,
+                            parent_run_id=parent, console=console)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("KILLED")
+        raise
+    paths = report(spec, cells, home, out, preset, command, tracker=tracker, notes=notes)
+    if tracker is not None:
+        tracker.end("FAILED" if outcome["failed"] else "FINISHED")
+    return outcome, paths
+
+
 @app.command("report", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help="table1 ... table6, figure5."),
+def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
                seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
                preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
                err: str = typer.Option("std", help="std or sem."),
@@ -181,18 +209,18 @@ def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help="table1
     from bench.runner import report
 
     home = _home(home)
-    spec, cells, _ = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    paths = report(spec, cells, home, out, preset, command, err=err)
+    paths = report(spec, cells, home, out, preset, command, err=err, notes=notes)
     console.print(paths[0].read_text(), markup=False, highlight=False)
 
 
 @app.command()
 def status(home: Optional[Path] = HOME_OPT):
     """Every run directory under BENCH_HOME: method, setting, status (done / failed / partial / running)."""
-    import fcntl
-
     import yaml
+
+    from bench.plan import run_status
 
     home = _home(home)
     t = Table(title=f"runs in {home / 'runs'}")
@@ -203,23 +231,14 @@ def status(home: Optional[Path] = HOME_OPT):
         if not (d / "config.yaml").exists():
             continue
         cfg = yaml.safe_load((d / "config.yaml").read_text())
-        ap = ""
-        if (d / "result.json").exists():
-            state = "done"
+        ap, state = "", run_status(d)
+        if state == "done":
             r = json.loads((d / "result.json").read_text())
-            ap = f"{r['metrics'][r['primary_model']].get('AP', float('nan')):.2f}"
-        elif (d / "failed.json").exists():
-            state = "failed"
-        else:
-            state = "partial" if (d / "checkpoints" / "last_checkpoint").exists() else "pending"
-            with (d / "lock").open("a") as lock:  # a worker holds the lock while it trains
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(lock, fcntl.LOCK_UN)
-                except BlockingIOError:
-                    state = "running"
+            if "metrics" in r:  # a burn-in cell has a checkpoint, no metrics
+                ap = f"{r['metrics'][r['primary_model']].get('AP', float('nan')):.2f}"
         counts[state] = counts.get(state, 0) + 1
-        t.add_row(d.name[:12], cfg["method"], str(cfg["lsm"]["enabled"]).lower(), cfg["preset"],
+        method = cfg["method"] + (":burn-in" if cfg.get("stage") == "burn_in" else "")
+        t.add_row(d.name[:12], method, str(cfg["lsm"]["enabled"]).lower(), cfg["preset"],
                   f"{cfg['data']['ratio']:g}", str(cfg["seed"]), state, ap)
     console.print(t)
     console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs yet")

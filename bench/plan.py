@@ -3,13 +3,16 @@
 A cell's key is the worker's `cell_key` (config + split manifest + data hash + method code
 version), so `plan` answers "what is done" without running anything, and `run` recomputes only
 what is not. Seed i trains with seed i on split fold i: the paper's 5 runs are 5 folds.
+Cells that share a burn-in (bench/burn_in.py) depend on a burn-in cell, listed before them.
 """
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.burn_in import burn_in_config
 from bench.config import RunConfig, load_config
 from bench.data.sources import prepare_data
 from bench.paths import run_dir
@@ -17,6 +20,9 @@ from bench.worker import cell_key
 
 # Columns that change the data setting cannot run on the synthetic demo data.
 _SETTING_KEYS = ("data.setting", "data.dataset", "data.unlabeled")
+# A column whose labeled split has fewer images than this per class is left out unless its ratio
+# is asked for by name (--ratios): 1% of the demo's 600 images is 6 images for 10 classes.
+MIN_LABELED_PER_CLASS = 2
 
 
 @dataclass
@@ -26,27 +32,78 @@ class Cell:
     seed: int
     config: RunConfig
     key: str
+    depends_on: str | None = None  # key of the burn-in cell this one starts from
+
+    BURN_IN_ROW = "burn-in"
+
+    @property
+    def is_burn_in(self) -> bool:
+        return self.config.stage == "burn_in"
+
+    @property
+    def iterations(self) -> int:
+        return self.config.semi.burn_in if self.is_burn_in else self.config.solver.max_iter
 
     def directory(self, home: Path) -> Path:
         return run_dir(home, self.key)
 
     def status(self, home: Path) -> str:
-        """done | failed | partial (a checkpoint to resume from) | pending."""
-        d = self.directory(home)
-        if (d / "result.json").exists():
-            return "done"
-        if (d / "failed.json").exists():
-            return "failed"
-        if (d / "checkpoints" / "last_checkpoint").exists():
-            return "partial"
-        return "pending"
+        return run_status(self.directory(home))
+
+
+def run_status(d: Path) -> str:
+    """done | failed | running (a worker holds the cell's lock) | partial (a checkpoint to resume
+    from) | pending."""
+    if (d / "result.json").exists():
+        return "done"
+    if (d / "failed.json").exists():
+        return "failed"
+    if (d / "lock").exists():
+        with (d / "lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            except BlockingIOError:
+                return "running"
+    if (d / "checkpoints" / "last_checkpoint").exists():
+        return "partial"
+    return "pending"
+
+
+def seconds_per_iteration(home: Path) -> dict[tuple, float]:
+    """Measured training speed of the finished cells in `home`, by (preset, method, lsm, stage)."""
+    import json
+
+    speeds: dict[tuple, list[float]] = {}
+    for path in Path(home).glob("runs/*/*/result.json"):
+        r = json.loads(path.read_text())
+        first = r["iterations"] - (0 if not r.get("burn_in_from") else _burn_in_of(path.parent))
+        if r.get("train_seconds_this_session") and first > 0:
+            kind = (r["preset"], r["method"], r["lsm"], r.get("stage", "full"))
+            speeds.setdefault(kind, []).append(r["train_seconds_this_session"] / first)
+    return {k: sorted(v)[len(v) // 2] for k, v in speeds.items()}
+
+
+def _burn_in_of(rdir: Path) -> int:
+    import yaml
+
+    return yaml.safe_load((rdir / "config.yaml").read_text())["semi"]["burn_in"]
+
+
+def estimate_seconds(cell: Cell, speeds: dict[tuple, float]) -> float | None:
+    """Training time left for a cell that is not done, from finished cells of its kind (None if none)."""
+    cfg = cell.config
+    speed = speeds.get((cfg.preset, cfg.method, cfg.lsm.enabled, cfg.stage))
+    if speed is None:
+        return None
+    return speed * (cell.iterations - (cfg.semi.burn_in if cell.depends_on else 0))
 
 
 def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | None = None,
                overrides: list[str] | None = None) -> tuple[list[Cell], list[str]]:
-    """(cells of the implemented rows, notes on what was skipped and why)."""
+    """(burn-in cells + cells of the implemented rows, notes on what was skipped and why)."""
     base = load_config(preset, overrides or [])
-    notes, cells, data_cache = [], [], {}
+    notes, cells, data_cache, burn_ins = [], [], {}, {}
     for row in spec.rows:
         if spec.row_status(row) != "implemented":
             notes.append(f"row {row.id}: method {row.method} not implemented, paper values only")
@@ -66,5 +123,20 @@ def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | 
             data_key = cfg.data.model_dump_json()
             if data_key not in data_cache:
                 data_cache[data_key] = prepare_data(cfg.data, home)
-            cells.append(Cell(row.id, col.id, seed, cfg, cell_key(cfg, data_cache[data_key])))
-    return cells, notes
+            data = data_cache[data_key]
+            n_labeled, n_classes = len(data.labeled.records), data.num_classes
+            if not ratios and n_labeled < MIN_LABELED_PER_CLASS * n_classes:
+                if col.id not in skipped_columns:
+                    fix = f"run it anyway with --ratios {ratio:g}" if ratio is not None else "use a larger data set"
+                    notes.append(f"column {col.id}: {n_labeled} labeled images for {n_classes} classes on preset "
+                                 f"{preset}, too few to compare methods; {fix}")
+                    skipped_columns.add(col.id)
+                break
+            cell = Cell(row.id, col.id, seed, cfg, cell_key(cfg, data))
+            if (bcfg := burn_in_config(cfg)) is not None:
+                cell.depends_on = cell_key(bcfg, data)
+                burn_ins.setdefault(cell.depends_on, Cell(Cell.BURN_IN_ROW, col.id, seed, bcfg, cell.depends_on))
+            cells.append(cell)
+    # a burn-in is needed while one of its cells is not done
+    needed = {c.depends_on for c in cells if c.depends_on and c.status(home) != "done"}
+    return [b for k, b in burn_ins.items() if k in needed or b.status(home) == "done"] + cells, notes

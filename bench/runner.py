@@ -17,72 +17,108 @@ from rich.live import Live
 from rich.table import Table
 
 from bench import tracking
+from bench.paths import run_dir
 from bench.plan import Cell
 
 
-def _progress(cell: Cell, home: Path) -> str:
+def _iterations_done(cell: Cell, home: Path) -> int:
     path = cell.directory(home) / "metrics.jsonl"
     if not path.exists():
-        return "starting"
+        return 0
     last = 0
     with path.open() as f:
         for line in f:
             if '"total_loss"' in line:
-                last = json.loads(line)["iteration"]
-    return f"{last}/{cell.config.solver.max_iter}"
+                last = json.loads(line)["iteration"] + 1
+    return last
 
 
-def _display(running, done: int, failed: list, total: int, t0: float, home: Path) -> Group:
-    table = Table(title=f"{done} done, {len(failed)} failed, {len(running)} running, "
-                        f"{total - done - len(failed) - len(running)} queued of {total}")
+def _display(running, done: list[Cell], failed: list, total: int, t0: float, home: Path,
+             iters_at_start: int, iters_total: int) -> Group:
+    table = Table(title=f"{len(done)} done, {len(failed)} failed, {len(running)} running, "
+                        f"{total - len(done) - len(failed) - len(running)} queued of {total}")
     for col in ("row", "column", "seed", "progress", "key"):
         table.add_column(col)
+    iters_now = sum(c.iterations for c in done)
     for job in running:
         c = job.cell
-        table.add_row(c.row_id, c.column_id, str(c.seed), _progress(c, home), c.key[:10])
+        n = _iterations_done(c, home)
+        iters_now += n
+        table.add_row(c.row_id, c.column_id, str(c.seed), f"{n}/{c.iterations}" if n else "starting", c.key[:10])
     elapsed = time.perf_counter() - t0
-    eta = "" if done == 0 else f", eta {elapsed / done * (total - done - len(failed)) / 60:.1f} min"
+    # ETA from the training iterations finished in this invocation (cells differ in length)
+    rate = (iters_now - iters_at_start) / elapsed if elapsed > 0 else 0
+    eta = f", eta {(iters_total - iters_now) / rate / 60:.1f} min" if rate > 0 and iters_now > iters_at_start else ""
     return Group(table, f"elapsed {elapsed / 60:.1f} min{eta}")
 
 
-def _record_crash(cell: Cell, home: Path, rc: int, log: Path) -> None:
-    """A worker that died without writing failed.json (killed, segfault, OOM) is recorded here."""
+def _record_failure(cell: Cell, home: Path, error: str, traceback: str = "") -> None:
+    """A worker that died without writing failed.json (killed, segfault, OOM), or a cell whose
+    burn-in failed, is recorded here."""
     failed = cell.directory(home) / "failed.json"
     if not failed.exists() and not (cell.directory(home) / "result.json").exists():
-        tail = log.read_text()[-4000:] if log.exists() else ""
-        failed.write_text(json.dumps({"error": f"worker exited with code {rc}", "traceback": tail}))
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(json.dumps({"error": error, "traceback": traceback}))
+
+
+def _priority(cell: Cell) -> int:
+    """Burn-ins first (they unlock other cells), then their long semi-supervised cells, then the rest."""
+    return 0 if cell.is_burn_in else 1 if cell.depends_on else 2
 
 
 def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail_fast: bool = False,
               parent_run_id: str | None = None, console: Console | None = None) -> dict[str, list[Cell]]:
-    """Run every cell not done yet; returns {"done": [...], "failed": [...], "skipped": [...]}."""
+    """Run every cell not done yet; returns {"done": [...], "failed": [...], "skipped": [...]}.
+
+    A cell that depends on a burn-in waits for it; if the burn-in fails for good, so does the cell.
+    """
     console = console or Console()
-    todo = [c for c in cells if c.status(home) != "done"]
+    todo = sorted((c for c in cells if c.status(home) != "done"), key=_priority)
     for c in todo:  # a rerun retries failed cells
         (c.directory(home) / "failed.json").unlink(missing_ok=True)
-    queue = deque((c, 1) for c in todo)
+    queue = [(c, 1) for c in todo]
     done, failed = [c for c in cells if c.status(home) == "done"], []
+    failed_keys: set[str] = set()
     t0 = time.perf_counter()
     total = len(cells)
+    iters_total = sum(c.iterations for c in cells)
+    iters_at_start = sum(c.iterations for c in done)
+
+    def ready(cell: Cell) -> bool:
+        return cell.depends_on is None or (run_dir(home, cell.depends_on) / "result.json").exists()
+
     try:
         with Live(console=console, refresh_per_second=2, transient=False) as live:
             while queue or executor.jobs:
-                while queue and executor.free_slot() is not None and not (fail_fast and failed):
-                    cell, attempt = queue.popleft()
-                    executor.submit(cell, home, parent_run_id, attempts=attempt)
+                for cell, _ in [q for q in queue if q[0].depends_on in failed_keys]:
+                    _record_failure(cell, home, f"its burn-in cell {cell.depends_on[:12]} failed")
+                    failed.append(cell)
+                    failed_keys.add(cell.key)
+                queue = [q for q in queue if q[0].key not in failed_keys]
+                if queue and not executor.jobs and not any(ready(c) for c, _ in queue):  # a bug, not user input
+                    raise RuntimeError(f"{len(queue)} cells wait for burn-in cells that are not scheduled")
+                while executor.free_slot() is not None and not (fail_fast and failed):
+                    pick = next((q for q in queue if ready(q[0])), None)
+                    if pick is None:
+                        break
+                    queue.remove(pick)
+                    executor.submit(pick[0], home, parent_run_id, attempts=pick[1])
                 for job, rc in executor.poll():
                     if rc == 0 and job.cell.status(home) == "done":
                         done.append(job.cell)
                         continue
-                    _record_crash(job.cell, home, rc, job.log)
+                    tail = job.log.read_text()[-4000:] if job.log.exists() else ""
+                    _record_failure(job.cell, home, f"worker exited with code {rc}", tail)
                     if job.attempts <= retries:
                         (job.cell.directory(home) / "failed.json").unlink(missing_ok=True)
                         queue.append((job.cell, job.attempts + 1))
                     else:
                         failed.append(job.cell)
+                        failed_keys.add(job.cell.key)
                 if fail_fast and failed:
                     queue.clear()
-                live.update(_display(list(executor.jobs.values()), len(done), failed, total, t0, home))
+                live.update(_display(list(executor.jobs.values()), done, failed, total, t0, home,
+                                     iters_at_start, iters_total))
                 time.sleep(0.2)
     except KeyboardInterrupt:
         executor.cancel()
@@ -105,6 +141,8 @@ def collect(cells: list[Cell], home: Path, metrics: list[str]):
 
     rows, failed = [], []
     for c in cells:
+        if c.is_burn_in:
+            continue
         status = c.status(home)
         if status == "done":
             result = json.loads((c.directory(home) / "result.json").read_text())
@@ -117,8 +155,11 @@ def collect(cells: list[Cell], home: Path, metrics: list[str]):
 
 
 def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, command: str, err: str = "std",
-           tracker: tracking.Tracker | None = None) -> list[Path]:
-    """Write the artifact's tables from whatever is done; log them to the parent run if given."""
+           tracker: tracking.Tracker | None = None, notes: list[str] = ()) -> list[Path]:
+    """Write the artifact's tables from whatever is done; log them to the parent run if given.
+
+    `notes` on columns the plan left out go into the tables' headers (a reader sees why a
+    column is empty)."""
     from datetime import datetime, timezone
 
     from bench.report.tables import aggregate, write_all
@@ -126,6 +167,8 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
     results, failed = collect(cells, home, list(spec.metrics))
     header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset,
               "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if column_notes := [n for n in notes if n.startswith("column ")]:
+        header["not_run"] = "; ".join(column_notes)
     paths = write_all(spec, results, failed, out_dir, err=err, header=header)
     if tracker is not None:
         agg = aggregate(results, spec, err=err)

@@ -118,3 +118,76 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self._client.set_terminated(self.run_id, status=status)
+
+
+# SQLite serialises writers; beyond this many worker processes logging at once, `bench run` puts
+# an `mlflow server` in front of the same database (one writer, workers talk HTTP to it).
+SQLITE_MAX_WORKERS = 4
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """`mlflow server` on 127.0.0.1 over BENCH_HOME's store, for the duration of a `with` block.
+
+    Inside the block MLFLOW_TRACKING_URI points at it, so worker subprocesses (which inherit the
+    environment) log through it; afterwards the variable is restored and the server stopped.
+    """
+
+    def __init__(self, home: Path, port: int | None = None, timeout: float = 60.0):
+        self.home = Path(home).resolve()
+        self.port = port or free_port()
+        self.timeout = timeout
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen | None = None
+        self._previous: str | None = None
+
+    def __enter__(self) -> "LocalServer":
+        import sys
+        import time
+        import urllib.request
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
+               "--default-artifact-root", (self.home / "mlartifacts").as_uri(), "--workers", "1"]
+        log = (self.home / "mlflow-server.log").open("a")
+        # the server's job runner (a pool of huey consumers, for GenAI jobs) is not needed to log runs
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self._process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with code {self._process.returncode}; "
+                                   f"see {self.home / 'mlflow-server.log'}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"mlflow server did not answer on {self.url} within {self.timeout:.0f} s")
+        self._previous = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = self.url
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._previous
+        if self._process is not None and self._process.poll() is None:
+            import signal
+
+            os.killpg(self._process.pid, signal.SIGTERM)  # mlflow server runs gunicorn/uvicorn children
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)

@@ -8,7 +8,7 @@ import pytest
 
 def bench(*args, home):
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
-                          env={"BENCH_HOME": str(home), "PATH": "/usr/bin:/bin"}, timeout=120)
+                          env={"BENCH_HOME": str(home), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}, timeout=120)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -30,3 +30,33 @@ def test_config_show_prints_the_validated_preset(tmp_path):
     out = bench("config", "show", "--preset", "demo", "lsm.enabled=true", home=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "enabled: true" in out.stdout and "arch: mobilenet_v2_fpn" in out.stdout
+
+
+def test_plan_status_report_on_partial_results(tmp_path):
+    """Half a table done: `plan` shows done / pending, `status` lists the runs, `report` builds the
+    table from what is done and marks the rest, and none of them trains anything."""
+    from bench.config import load_config
+    from bench.worker import run_cell
+    from tests.conftest import TINY
+    from tests.test_runner import MINI
+
+    cfg = load_config("demo", TINY + ["data.ratio=1", "data.fold=1", "lsm.enabled=false"], method="ubteacher")
+    run_cell(cfg, tmp_path, track=False, progress=False)  # the UBT 1% cell (alone: no burn-in cell)
+    args = [str(MINI), "--seeds", "1", "--ratios", "1,5", *TINY]
+    out = bench("plan", *args, home=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "coco_standard" in line]
+    assert sum("done" in line for line in lines) == 1 and sum("pending" in line for line in lines) == 5
+    assert "csd" in out.stdout  # the paper-only row is named
+    # time left estimated from the finished cell's speed for its kind; the others are not timed yet
+    assert "min of one worker slot (4 cells of kinds not timed yet" in " ".join(out.stdout.split())
+
+    out = bench("status", home=tmp_path)
+    assert out.returncode == 0 and "1 done" in out.stdout
+
+    out = bench("report", *args, "--out", str(tmp_path / "results"), home=tmp_path)
+    assert out.returncode == 0, out.stderr
+    md = (tmp_path / "results" / "mini.md").read_text()
+    assert "(n=1)" in md or "n=1" in md
+    assert {p.suffix for p in (tmp_path / "results").iterdir()} >= {".md", ".csv", ".tex", ".html"}
+    assert len(list((tmp_path / "runs").glob("*/*/result.json"))) == 1  # nothing was trained

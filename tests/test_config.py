@@ -36,7 +36,7 @@ def test_unknown_preset_lists_the_known_ones():
 
 
 def test_every_preset_validates():
-    for name in ("demo", "coco", "coco_additional", "coco_imagenet", "voc"):
+    for name in ("demo", "demo_long", "coco", "coco_additional", "coco_imagenet", "voc"):
         assert load_config(name).preset == name
 
 

@@ -258,8 +258,11 @@ def load_spec_file(path: Path) -> ArtifactSpec:
 
 
 def load_spec(name: str) -> ArtifactSpec:
-    """The packaged spec `name` (table1 ... table6, figure5)."""
+    """The packaged spec `name` (table1 ... table6, figure5), or a spec file of one's own (*.yaml)."""
+    if name.endswith((".yaml", ".yml")):
+        return load_spec_file(Path(name))
     path = SPEC_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise BenchError(f"unknown table '{name}'; known tables: {', '.join(available_specs())}")
+        raise BenchError(f"unknown table '{name}'; known tables: {', '.join(available_specs())} "
+                         "(or the path of a spec .yaml file)")
     return load_spec_file(path)
