@@ -17,13 +17,7 @@ from torch import Tensor, nn
 
 from bench.errors import BenchError
 
-# name -> module implementing it; a module registers its class on import.
-METHOD_MODULES = {
-    "supervised": "adapters.supervised",
-    "ubteacher": "adapters.ubteacher",
-}
-# Methods of the paper's tables whose adapters come in later issues.
-PLANNED_METHODS = ("softteacher", "pseco", "stac", "ddetr")
+from adapters.registry import METHOD_MODULES, PLANNED_METHODS  # noqa: F401  (names used by get_adapter)
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
 
@@ -68,9 +62,6 @@ class Adapter(ABC):
     name: ClassVar[str] = ""
     labeled_views: ClassVar[tuple[str, ...]] = ("weak",)
     unlabeled_views: ClassVar[tuple[str, ...]] = ()  # empty: the method uses no unlabeled data
-    # True: the first `semi.burn_in` iterations are supervised and independent of the semi-supervised
-    # settings, so cells can share them (bench/burn_in.py)
-    shares_burn_in: ClassVar[bool] = False
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
         from adapters.models.faster_rcnn import build_faster_rcnn

@@ -29,7 +29,6 @@ from bench.errors import BenchError
 class UnbiasedTeacher(Adapter):
     labeled_views = ("weak", "strong")
     unlabeled_views = ("weak", "strong")
-    shares_burn_in = True
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
         super().__init__(cfg, num_classes, device)

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from adapters.base import get_adapter
-from adapters.engine.checkpoint import load_named_training_state, named_training_state, rng_state, set_rng_state
+from adapters import registry
 from bench.config import EvalConfig, LSMConfig, RunConfig, SemiConfig
 
 CHECKPOINT = "burn_in.pth"
@@ -28,15 +25,21 @@ NEW_PARAMETER_PREFIXES = ("roi_heads.aux_cls_score.",)
 
 def burn_in_config(cfg: RunConfig) -> RunConfig | None:
     """The burn-in cell `cfg` starts from, or None when its method has no shareable burn-in."""
-    if cfg.stage != "full" or cfg.semi.burn_in == 0 or not get_adapter(cfg.method).shares_burn_in:
+    if cfg.stage != "full" or cfg.semi.burn_in == 0 or cfg.method not in registry.SHARES_BURN_IN:
         return None
+    dump = cfg.model_dump()
+    dump["solver"]["eval_period"] = 0  # evaluating changes no weights: burn-ins are shared across it too
     return RunConfig.model_validate({
-        **cfg.model_dump(), "stage": "burn_in", "lsm": LSMConfig().model_dump(),
+        **dump, "stage": "burn_in", "lsm": LSMConfig().model_dump(),
         "semi": SemiConfig(burn_in=cfg.semi.burn_in).model_dump(), "eval": EvalConfig().model_dump(),
     })
 
 
 def save(path: Path, trainer, iteration: int) -> None:
+    import torch
+
+    from adapters.engine.checkpoint import named_training_state, rng_state
+
     state = named_training_state(trainer.adapter.student, trainer.optimizer, trainer.scheduler, trainer.scaler)
     tmp = path.with_suffix(".tmp")
     torch.save({"iteration": iteration, "rng": rng_state(), **state}, tmp)
@@ -45,6 +48,10 @@ def save(path: Path, trainer, iteration: int) -> None:
 
 def load(path: Path, trainer) -> int:
     """Put the burn-in state into `trainer`; returns the iteration to continue from."""
+    import torch
+
+    from adapters.engine.checkpoint import load_named_training_state, set_rng_state
+
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
     load_named_training_state(state, trainer.adapter.student, trainer.optimizer, trainer.scheduler, trainer.scaler,
                               new_prefixes=NEW_PARAMETER_PREFIXES)

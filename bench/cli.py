@@ -1,4 +1,5 @@
-"""`bench`: the command line. Verbs: train, eval, data (synth | split | check), config.
+"""`bench`: the command line. Verbs: train, eval, plan, run, report, status, clean, study, figure, ui,
+data (synth | split | check), config.
 
 Bad input raises BenchError, printed as one line on stderr with exit code 2.
 """
@@ -17,6 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.errors import BenchError
+from bench.study_cli import figure as figure_cmd
+from bench.study_cli import study_app
+from bench.study_cli import ui as ui_cmd
 
 app = typer.Typer(help="lsm-bench: semi-supervised object detection benchmark (LSM, IJCAI 2023).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -145,16 +149,19 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
     """Run every cell of a table that is not done yet (cached cells cost nothing), then report."""
     import shlex
 
-    import torch
-
     from bench import tracking
     from bench.executors.local import LocalExecutor
 
     home = _home(home)
     spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     if devices is None:
-        n = torch.cuda.device_count()
-        devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
+        if all(c.status(home) == "done" for c in cells):
+            devices = "cpu"  # nothing to run: no need to import torch to look for GPUs
+        else:
+            import torch
+
+            n = torch.cuda.device_count()
+            devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
     if slots_per_device is None:
         slots_per_device = 1 if devices.startswith("cuda") else max(1, min(os.cpu_count() or 1, 4))
     executor = LocalExecutor(devices.split(","), slots_per_device, track=track)
@@ -364,6 +371,11 @@ def config_show(preset: str = typer.Option("demo", help="Preset name."),
     from bench.config import dump_config, load_config
 
     console.print(dump_config(load_config(preset, overrides or [])), markup=False, highlight=False)
+
+
+app.add_typer(study_app, name="study")
+app.command("figure", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(figure_cmd)
+app.command("ui")(ui_cmd)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """A paper artifact's cells: spec rows x columns x seeds -> configs, content keys, cache status.
 
-A cell's key is the worker's `cell_key` (config + split manifest + data hash + method code
+A cell's key is `bench.keys.cell_key` (config + split manifest + data hash + method code
 version), so `plan` answers "what is done" without running anything, and `run` recomputes only
 what is not. Seed i trains with seed i on split fold i: the paper's 5 runs are 5 folds.
 Cells that share a burn-in (bench/burn_in.py) depend on a burn-in cell, listed before them.
@@ -16,7 +16,7 @@ from bench.burn_in import burn_in_config
 from bench.config import RunConfig, load_config
 from bench.data.sources import prepare_data
 from bench.paths import run_dir
-from bench.worker import cell_key
+from bench.keys import cell_key
 
 # Columns that change the data setting cannot run on the synthetic demo data.
 _SETTING_KEYS = ("data.setting", "data.dataset", "data.unlabeled")

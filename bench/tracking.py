@@ -133,6 +133,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_mlflow_server(home: Path, port: int, log: Path) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over BENCH_HOME's sqlite store and artifact folder, in its
+    own process group (stop it with os.killpg: its uvicorn workers go with it)."""
+    import sys
+
+    home = Path(home).resolve()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+           "--default-artifact-root", (home / "mlartifacts").as_uri(), "--workers", "1"]
+    # the server's job runner (a pool of huey consumers, for GenAI jobs) is not needed to log runs
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with Path(log).open("a") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
 class LocalServer:
     """`mlflow server` on 127.0.0.1 over BENCH_HOME's store, for the duration of a `with` block.
 
@@ -149,18 +164,11 @@ class LocalServer:
         self._previous: str | None = None
 
     def __enter__(self) -> "LocalServer":
-        import sys
         import time
         import urllib.request
 
         self.home.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
-               "--default-artifact-root", (self.home / "mlartifacts").as_uri(), "--workers", "1"]
-        log = (self.home / "mlflow-server.log").open("a")
-        # the server's job runner (a pool of huey consumers, for GenAI jobs) is not needed to log runs
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self._process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._process = spawn_mlflow_server(self.home, self.port, self.home / "mlflow-server.log")
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self._process.poll() is not None:

@@ -8,7 +8,6 @@ directory if there is one, trains, evaluates the models the adapter names, and w
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -33,23 +32,8 @@ from bench.data.sources import SemiData, prepare_data
 from bench.data.transforms import AugConfig
 from bench.evaluate import evaluate_coco, evaluate_voc
 from bench.errors import BenchError
+from bench.keys import cell_key
 from bench.paths import run_dir
-
-# Bump a method's version when a code change alters its results: old cells then get new keys.
-# ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
-CODE_VERSION = {"supervised": 1, "ubteacher": 2}
-
-
-def cell_key(cfg: RunConfig, data: SemiData) -> str:
-    """sha256 of everything that changes the result: config, split manifest, data, code version."""
-    payload = {
-        "config": cfg.key_dict(),
-        "split": data.manifest.sha256,
-        "data": data.manifest.data_hash,
-        "code": CODE_VERSION.get(cfg.method, 1),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -221,7 +205,7 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         trainer.train()
         results = {} if cfg.stage == "burn_in" else evaluate_models(adapter, data, cfg, device)
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StopTraining)) else "FAILED"
         if not isinstance(exc, (KeyboardInterrupt, StopTraining)):
             import traceback
 

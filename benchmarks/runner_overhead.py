@@ -23,7 +23,8 @@ from bench.data.sources import prepare_data
 from bench.executors.local import LocalExecutor
 from bench.plan import Cell
 from bench.runner import run_cells, start_parent_run
-from bench.worker import cell_key, run_cell
+from bench.keys import cell_key
+from bench.worker import run_cell
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ from bench.burn_in import burn_in_config
 from bench.config import load_config
 from bench.data.sources import prepare_data
 from bench.paths import run_dir
-from bench.worker import cell_key, run_cell
+from bench.keys import cell_key
+from bench.worker import run_cell
 
 
 def _cfg(tiny, *extra, method="ubteacher"):
@@ -23,7 +24,8 @@ def _cfg(tiny, *extra, method="ubteacher"):
 def test_semi_settings_share_a_burn_in_and_training_settings_do_not(tiny):
     base = burn_in_config(_cfg(tiny))
     for variant in (["lsm.enabled=true"], ["semi.t=0.6", "lsm.enabled=true", "lsm.alpha=0.4"],
-                    ["semi.lambda_u=2"], ["semi.ema_keep_rate=0.5"], ["eval.area_scale=2"]):
+                    ["semi.lambda_u=2"], ["semi.ema_keep_rate=0.5"], ["eval.area_scale=2"],
+                    ["solver.eval_period=2"]):
         assert burn_in_config(_cfg(tiny, *variant)) == base, variant
     for variant in (["seed=2"], ["data.ratio=10"], ["data.fold=2"], ["semi.burn_in=3"], ["solver.base_lr=0.02"],
                     ["model.roi_batch_size_per_image=8"]):
@@ -72,9 +74,10 @@ def test_named_state_loads_into_a_model_with_extra_parameters(tiny):
         load_named_training_state(state, dst, opt2, sched2, torch.amp.GradScaler("cuda", enabled=False))
 
 
-@pytest.mark.parametrize("lsm", [False, True])
-def test_cell_started_from_shared_burn_in_equals_cell_trained_alone(tmp_path, tiny, lsm):
-    cfg = _cfg(tiny, f"lsm.enabled={str(lsm).lower()}")
+@pytest.mark.parametrize("lsm, extra", [(False, []), (True, []), (True, ["solver.eval_period=1"])])
+def test_cell_started_from_shared_burn_in_equals_cell_trained_alone(tmp_path, tiny, lsm, extra):
+    """(with periodic evaluation, the cell trained alone also evaluates during its burn-in)"""
+    cfg = _cfg(tiny, f"lsm.enabled={str(lsm).lower()}", *extra)
     alone = run_cell(cfg, tmp_path / "a", track=False, progress=False)
     assert alone["burn_in_from"] is None
 
@@ -103,3 +106,15 @@ def test_burn_in_key_differs_from_the_full_cells(tmp_path, tiny):
     cfg = _cfg(tiny)
     data = prepare_data(cfg.data, tmp_path)
     assert cell_key(burn_in_config(cfg), data) != cell_key(cfg, data)
+
+
+def test_planning_a_table_does_not_import_torch():
+    """`bench plan` and a fully cached `bench run` stay fast: keys, burn-in configs and specs come
+    from plain data (adapters/registry.py, bench/keys.py), not from the adapters' modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bench.plan, bench.runner, bench.burn_in, bench.specs, bench.report.tables; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -31,7 +31,7 @@ def test_alpha_above_t_is_refused():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(BenchError, match="known presets: coco, coco_additional, coco_imagenet, demo, voc"):
+    with pytest.raises(BenchError, match="known presets: coco, coco_additional, coco_imagenet, demo, demo_long, voc"):
         load_config("cocoo")
 
 
@@ -46,5 +46,5 @@ def test_key_is_stable_and_changes_with_any_result_field():
     # fields that do not change the result do not change the key
     assert with_overrides(a, {"device": "cpu", "solver": {"log_period": 3}}).key() == a.key()
     for change in ({"seed": 2}, {"lsm": {"alpha": 0.4}}, {"data": {"ratio": 5}}, {"solver": {"base_lr": 0.03}},
-                   {"model": {"cls_loss": "ce"}}, {"method": "ubteacher"}):
+                   {"model": {"cls_loss": "ce"}}, {"method": "ubteacher"}, {"stage": "burn_in"}):
         assert with_overrides(a, change).key() != a.key(), change

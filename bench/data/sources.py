@@ -44,10 +44,23 @@ def _require(path: Path, what: str, fix: str) -> Path:
     return path
 
 
+_LOADED: dict[tuple, DetectionDataset] = {}
+
+
+def _load_coco(ann: Path, image_dir: Path, name: str) -> DetectionDataset:
+    """`coco.load_coco`, read once per process while the file is unchanged: planning a table
+    prepares the same data for every (ratio, fold) and must not parse it each time."""
+    st = Path(ann).stat()
+    key = (str(Path(ann).resolve()), st.st_mtime_ns, st.st_size, str(image_dir), name)
+    if key not in _LOADED:
+        _LOADED[key] = coco.load_coco(ann, image_dir, name=name)
+    return _LOADED[key]
+
+
 def _coco_split(root: Path, split: str) -> DetectionDataset:
     ann = _require(root / "annotations" / f"instances_{split}.json", f"COCO {split} annotations",
                    "set data.root to a COCO directory with annotations/ and image folders")
-    return coco.load_coco(ann, _require(root / split, f"COCO {split} images", "check data.root"), name=f"coco_{split}")
+    return _load_coco(ann, _require(root / split, f"COCO {split} images", "check data.root"), name=f"coco_{split}")
 
 
 def _manifest(cfg, train: DetectionDataset, home: Path) -> splits.SplitManifest:
@@ -75,8 +88,8 @@ def prepare_data(cfg, home: Path) -> SemiData:
         paths = synth.ensure_demo_data(home, seed=s.seed, train_images=s.train_images,
                                        val_images=s.val_images, image_size=s.image_size)
         root = Path(paths["root"])
-        train = coco.load_coco(Path(paths["train"]), root / "images" / "train", name="synthetic_train")
-        val = coco.load_coco(Path(paths["val"]), root / "images" / "val", name="synthetic_val")
+        train = _load_coco(Path(paths["train"]), root / "images" / "train", name="synthetic_train")
+        val = _load_coco(Path(paths["val"]), root / "images" / "val", name="synthetic_val")
         manifest = _manifest(cfg, train, home)
         return SemiData(train.subset(manifest.labeled_ids), train.subset(manifest.unlabeled_ids), val, manifest)
 

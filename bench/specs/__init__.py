@@ -149,7 +149,7 @@ class ArtifactSpec(_Frozen):
 
     def row_status(self, row: RowSpec | str) -> Literal["implemented", "paper-only"]:
         """implemented: the method has an adapter and the row needs nothing else we lack."""
-        from adapters.base import METHOD_MODULES  # lazy: importing adapters loads torch
+        from adapters.registry import METHOD_MODULES
 
         r = self._r(row)
         return "implemented" if r.method in METHOD_MODULES and not r.paper_only else "paper-only"

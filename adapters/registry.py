@@ -1,0 +1,16 @@
+"""Which methods exist, as plain data: planning a table needs it without importing torch.
+
+A method module registers its Adapter class on import (adapters/base.py `register`); this table
+says which module that is, and what the planner may assume about the method.
+"""
+
+# name -> module implementing it
+METHOD_MODULES = {
+    "supervised": "adapters.supervised",
+    "ubteacher": "adapters.ubteacher",
+}
+# Methods of the paper's tables whose adapters come in later issues.
+PLANNED_METHODS = ("softteacher", "pseco", "stac", "ddetr")
+# Methods whose first `semi.burn_in` iterations are supervised and independent of the
+# semi-supervised settings, so their cells share a burn-in cell (bench/burn_in.py).
+SHARES_BURN_IN = frozenset({"ubteacher"})

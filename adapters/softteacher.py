@@ -1,0 +1,424 @@
+"""Soft Teacher (Xu et al., ICCV 2021; original mmdet 2.x code), with the LSM toggle.
+
+Per iteration after burn-in (ssod_methods.md 3.1; the original has burn_in 0):
+- the teacher detects on the unlabeled teacher view (resize + flip); detections with score >
+  `initial_score_thr` (0.5) are pseudo-boxes, each with a box-jitter uncertainty (10 jittered
+  copies refined by the teacher's RoI head; mean over the 4 coordinates of std / box side);
+- the pseudo-boxes are mapped into the independently augmented student view with
+  M = T_student @ inv(T_teacher) (the views' recorded matrices) and clipped to it;
+- three pseudo-box sets: RPN (score > `rpn_thr` 0.9), RoI classification (score > `semi.t`, 0.9 in
+  the original), RoI regression (uncertainty < `reg_unc_thr` 0.02, after the 0.5 pre-filter);
+- soft teacher: the student's sampled RoIs are mapped back into the teacher view (inv(M)); the
+  teacher's background probability on them is the weight of every RoI assigned to background
+  (foreground RoIs weigh 1), and loss_cls = sum_i w_i CE_i / max(sum_i w_i, 1);
+- the regression loss comes from a second RoI sampling against the regression set;
+- the teacher is an EMA of the student's *parameters* (buffers untouched) with momentum
+  min(keep, 1 - (1 + w) / (t + 1 + w)), w = `ema_warm_up` (0), t counted from the copy.
+
+Read off `training_step` (LSM paper Eq. 3 with Soft Teacher's unsupervised terms):
+    L = L_sup + lambda_u * (L_rpn + L_cls^soft + L_reg + pim_weight * L_pim + sd_weight * L_sd)
+
+The data pipeline's views share one geometry (bench/worker.py builds `weak` and a photometric
+`strong` copy of it), so the student view is built here from the original image: its own
+resize + flip, one geometric op (translate / rotate / shear, recorded in its matrix) and the strong
+photometric recipe of bench/data/transforms.py. docs/softteacher.md lists every difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from torchvision.ops import boxes as box_ops
+
+from adapters.base import Adapter, StepOutput, batch_to_device, register
+from adapters.engine.ema import ema_update
+from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
+from adapters.lsm import PIM, attach_aux_classifier, init_aux_from_main
+from adapters.models.faster_rcnn import FasterRCNN, TrainForward
+from bench.data.coco import load_image
+from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, View, relative_matrix,
+                                   strong_photometric, transform_boxes)
+from bench.errors import BenchError
+
+# Salt of the student-view random stream (the loader's streams use seed and seed + 7919).
+STUDENT_VIEW_SALT = 104_729
+# Uncovered pixels of the geometric ops are grey, as the original's (its img_fill_val).
+FILL = (125, 125, 125)
+
+
+class SoftTeacherConfig(BaseModel):
+    """Soft Teacher's own settings (names of the original config). The cls threshold is
+    `semi.t`, the unsupervised weight `semi.lambda_u`, the EMA keep rate `semi.ema_keep_rate`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    initial_score_thr: float = Field(0.5, ge=0, le=1)  # pseudo_label_initial_score_thr
+    rpn_thr: float = Field(0.9, ge=0, le=1)  # rpn_pseudo_threshold
+    reg_unc_thr: float = Field(0.02, ge=0)  # reg_pseudo_threshold (relative std)
+    jitter_times: int = Field(10, ge=2)  # std needs two samples
+    jitter_scale: float = Field(0.06, ge=0)
+    ema_warm_up: int = Field(0, ge=0)  # MeanTeacher hook's warm_up
+    # student view: one geometric op drawn uniformly from these ranges (rand_aug.py)
+    geometric: bool = True  # False: the student view has resize + flip only
+    translate: float = Field(0.1, ge=0, lt=1)  # fraction of the image side
+    rotate: float = Field(30.0, ge=0, le=180)  # degrees
+    shear: float = Field(30.0, ge=0, lt=90)  # degrees, x then y
+
+
+def method_config(cfg) -> SoftTeacherConfig:
+    """`cfg.softteacher` once RunConfig has that section, the original's values until then."""
+    return getattr(cfg, "softteacher", None) or SoftTeacherConfig()
+
+
+# ----------------------------------------------------------------------------- the student view
+def random_geometric(image: Image.Image, rng: np.random.Generator,
+                     st: SoftTeacherConfig) -> tuple[Image.Image, np.ndarray]:
+    """One of TranslateX, TranslateY, Rotate, ShearX+ShearY (the original's OneOf), about the
+    image centre, same output size. Returns the image and its 3x3 matrix (input -> output)."""
+    w, h = image.size
+    op = int(rng.integers(4))
+    if op == 0:
+        m = np.array([[1.0, 0, rng.uniform(-st.translate, st.translate) * w], [0, 1, 0], [0, 0, 1]])
+    elif op == 1:
+        m = np.array([[1.0, 0, 0], [0, 1, rng.uniform(-st.translate, st.translate) * h], [0, 0, 1]])
+    else:
+        if op == 2:
+            a = math.radians(rng.uniform(-st.rotate, st.rotate))
+            core = np.array([[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0], [0, 0, 1]])
+        else:
+            sx = math.tan(math.radians(rng.uniform(-st.shear, st.shear)))
+            sy = math.tan(math.radians(rng.uniform(-st.shear, st.shear)))
+            core = np.array([[1.0, 0, 0], [sy, 1, 0], [0, 0, 1]]) @ np.array([[1.0, sx, 0], [0, 1, 0], [0, 0, 1]])
+        centre = np.array([[1.0, 0, w / 2], [0, 1, h / 2], [0, 0, 1]])
+        m = centre @ core @ np.linalg.inv(centre)
+    inv = np.linalg.inv(m)  # PIL asks, for every output pixel, where to read in the input
+    out = image.transform((w, h), Image.AFFINE, data=tuple(inv[:2].ravel()), resample=Image.BILINEAR,
+                          fillcolor=FILL)
+    return out, m
+
+
+def student_view(record, aug, st: SoftTeacherConfig, rng: np.random.Generator, photometric: bool = True) -> View:
+    """The student's view of an unlabeled image, drawn independently of the teacher's: resize
+    (short side from `aug.short_sizes`) + flip, then one geometric op, then the strong photometric
+    recipe (colour jitter, grayscale, blur, erasing). `matrix` maps original -> view coordinates."""
+    image = load_image(record.file)
+    img, m = ResizeShortestEdge(tuple(aug.short_sizes), aug.max_size)(image, rng)
+    img, f = HorizontalFlip(aug.flip_prob)(img, rng)
+    m = f @ m
+    if st.geometric:
+        img, g = random_geometric(img, rng, st)
+        m = g @ m
+    pixels = TF.pil_to_tensor(img).float().div_(255.0)
+    if photometric:
+        pixels = strong_photometric(pixels, rng, AugConfig())
+    keep = ~record.iscrowd
+    boxes = clip_boxes(torch.from_numpy(transform_boxes(record.boxes[keep].astype(np.float64), m)).float(),
+                       (img.size[1], img.size[0]))
+    ok = nondegenerate(boxes)
+    return View(image=pixels, boxes=boxes[ok], labels=torch.from_numpy(record.labels[keep])[ok], matrix=m,
+                dropped_crowd=int(record.iscrowd.sum()), dropped_degenerate=int((~ok).sum()))
+
+
+# ----------------------------------------------------------------------------- box geometry
+def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clip xyxy boxes to an image of size (h, w)."""
+    return box_ops.clip_boxes_to_image(boxes, size)
+
+
+def nondegenerate(boxes: Tensor) -> Tensor:
+    """Boxes with positive width and height (the original's filter_invalid with min_size 0)."""
+    return ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+
+
+def map_boxes(boxes: Tensor, matrix: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """Boxes of one view into another through `matrix`: bounding box of the 4 mapped corners,
+    clipped to the target image (h, w), as the original's Transform2D.transform_bboxes."""
+    if len(boxes) == 0:
+        return boxes
+    return clip_boxes(transform_boxes(boxes, matrix), size)
+
+
+def map_pseudo_labels(pseudo: list[dict], matrices: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[dict]:
+    """Teacher-view pseudo-labels (boxes + per-box fields) into the student views; boxes that
+    collapse at the image border are dropped with all their fields."""
+    out = []
+    for p, m, size in zip(pseudo, matrices, sizes):
+        boxes = map_boxes(p["boxes"], m, size)
+        ok = nondegenerate(boxes)
+        out.append({k: (boxes if k == "boxes" else v)[ok] for k, v in p.items()})
+    return out
+
+
+def select(pseudo: list[dict], masks: list[Tensor]) -> list[dict]:
+    return [{k: v[m] for k, v in p.items()} for p, m in zip(pseudo, masks)]
+
+
+def split_pseudo_labels(pseudo: list[dict], initial_thr: float, rpn_thr: float, cls_thr: float,
+                        reg_unc_thr: float) -> dict[str, list[dict]]:
+    """The three pseudo-box sets of Soft Teacher (pitfall 9): RPN by score, RoI classification by
+    score, RoI regression by box uncertainty among the boxes above the initial score threshold."""
+    return {
+        "rpn": select(pseudo, [p["scores"] > rpn_thr for p in pseudo]),
+        "cls": select(pseudo, [p["scores"] > cls_thr for p in pseudo]),
+        "reg": select(pseudo, [(p["scores"] > initial_thr) & (p["unc"] < reg_unc_thr) for p in pseudo]),
+    }
+
+
+# ----------------------------------------------------------------------------- the soft teacher's pieces
+def jitter_boxes(boxes: Tensor, times: int, scale: float, generator: torch.Generator | None = None) -> Tensor:
+    """(times, N, 4) copies of `boxes` with offsets ~ N(0, (scale * side)^2): width for x1, x2 and
+    height for y1, y2, sides clamped >= 1 (the original's aug_box)."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1)
+    sigma = (wh.repeat(1, 2) * scale)[None]  # (1, N, 4): w, h, w, h
+    noise = torch.randn((times, len(boxes), 4), generator=generator, device=boxes.device, dtype=boxes.dtype)
+    return boxes[None] + noise * sigma
+
+
+def relative_uncertainty(refined: Tensor) -> Tensor:
+    """(times, N, 4) refined boxes -> (N,) mean over coordinates of std / side of the mean box
+    (std over the jitter copies, unbiased as torch.std; sides clamped >= 1)."""
+    if refined.shape[1] == 0:
+        return refined.new_zeros(0)
+    std = refined.std(dim=0)
+    mean = refined.mean(dim=0)
+    wh = (mean[:, 2:] - mean[:, :2]).clamp(min=1.0)
+    return (std / wh.repeat(1, 2)).mean(dim=-1)
+
+
+def soft_weights(labels: Tensor, bg_prob: Tensor, num_classes: int) -> Tensor:
+    """RoI weights of the soft teacher: foreground 1, background = teacher's background probability."""
+    fg = labels < num_classes
+    return torch.where(fg, torch.ones_like(bg_prob), bg_prob).detach()
+
+
+def soft_cls_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    """sum_i w_i CE_i / max(sum_i w_i, 1): the original code normalises fg and bg jointly."""
+    if labels.numel() == 0:
+        return logits.sum() * 0
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return (weights * ce).sum() / weights.sum().clamp(min=1.0)
+
+
+def ema_momentum(step: int, keep_rate: float, warm_up: int = 0) -> float:
+    """Keep rate of the teacher at `step` steps after its copy: fast averaging early, then `keep_rate`."""
+    return min(keep_rate, 1.0 - (1.0 + warm_up) / (step + 1.0 + warm_up))
+
+
+class SoftTeacherEMAHook(MeanTeacherHook):
+    """Teacher <- full copy of the student before iteration `start` (the original clones at
+    iteration 0), then EMA of the parameters only with the warm-up momentum (pitfall 5)."""
+
+    def __init__(self, teacher, student, start: int, keep_rate: float, warm_up: int = 0, on_copy=None):
+        super().__init__(teacher, student, start, keep_rate, include_buffers=False, on_copy=on_copy)
+        self.warm_up = warm_up
+
+    def before_step(self) -> None:
+        it = self.trainer.iter
+        if it <= self.burn_in:
+            super().before_step()  # the copy at `start` (buffers included: they are equal in the original)
+            return
+        m = ema_momentum(it - self.burn_in, self.keep_rate, self.warm_up)
+        ema_update(self.teacher, self.student, m, include_buffers=False)
+
+
+@dataclass
+class TeacherOutput:
+    image_sizes: list[tuple[int, int]]
+    features: dict  # the teacher's pyramid on its view (reused for the soft background weights)
+    detections: list[dict]  # boxes, labels, scores, unc in teacher-view coordinates
+
+
+# ----------------------------------------------------------------------------- the adapter
+@register("softteacher")
+class SoftTeacher(Adapter):
+    labeled_views = ("weak",)  # resize + flip (the original adds one colour op)
+    unlabeled_views = ("weak",)  # the teacher view; the student view is built by `student_view`
+
+    def __init__(self, cfg, num_classes: int, device: torch.device):
+        super().__init__(cfg, num_classes, device)
+        if cfg.semi.burn_in >= cfg.solver.max_iter:
+            raise BenchError(f"semi.burn_in ({cfg.semi.burn_in}) must be below solver.max_iter "
+                             f"({cfg.solver.max_iter}); lower burn_in or train longer")
+        if cfg.lsm.enabled and cfg.lsm.naive_large_area:
+            raise BenchError("lsm.naive_large_area (Table 5's UBT variant) is not defined for softteacher; "
+                             "set lsm.naive_large_area=false")
+        self.st = method_config(cfg)
+        self.lsm = cfg.lsm
+        self.pim = None
+        if cfg.lsm.enabled:
+            attach_aux_classifier(self.student)
+            self.pim = PIM(cfg.lsm, cfg.semi.t, cfg.model)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+
+    def hooks(self) -> list:
+        on_copy = (lambda: init_aux_from_main(self.student)) if self.pim else None
+        return [SoftTeacherEMAHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
+                                   self.st.ema_warm_up, on_copy=on_copy)]
+
+    def unlabeled_start(self) -> int:
+        return self.cfg.semi.burn_in
+
+    def eval_models(self) -> dict:
+        # The original evaluates the student (inference_on="student"), and the paper's SoftTeacher
+        # row is the Soft Teacher paper's numbers; the teacher is logged beside it (pitfall 4, 11).
+        return {"student": self.student, "teacher": self.teacher}
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+
+    # ------------------------------------------------------------------------------------------
+    def student_views(self, items: list[dict], iteration: int) -> list[View]:
+        """Independent student views; a pure function of (seed, iteration, position), so resumable."""
+        return [student_view(it["record"], self.cfg.data.aug, self.st,
+                             np.random.default_rng([self.cfg.seed, STUDENT_VIEW_SALT, iteration, j]))
+                for j, it in enumerate(items)]
+
+    @torch.no_grad()
+    def pseudo_label(self, images: list[Tensor]) -> TeacherOutput:
+        """Teacher detections on its view (test settings: score 0.05, NMS 0.5, top 100) above the
+        lowest threshold in use, each with its box-jitter uncertainty (inf below initial_score_thr)."""
+        teacher = self.teacher
+        teacher.eval()
+        image_list, features = teacher.extract(images)
+        proposals, _ = teacher.rpn(image_list, features)
+        heads = teacher.roi_heads
+        logits, deltas = heads.box_predictor(heads.box_features(features, proposals))
+        dets = heads.postprocess(logits, deltas, proposals, image_list.image_sizes)
+        floor = min(self.st.initial_score_thr, self.lsm.alpha) if self.pim else self.st.initial_score_thr
+        dets = [{k: v[d["scores"] > floor] for k, v in d.items()} for d in dets]
+        sure = [d["scores"] > self.st.initial_score_thr for d in dets]
+        unc = self.jitter_uncertainty(teacher, features, image_list.image_sizes,
+                                      [d["boxes"][s] for d, s in zip(dets, sure)],
+                                      [d["labels"][s] for d, s in zip(dets, sure)])
+        for d, s, u in zip(dets, sure, unc):
+            d["unc"] = torch.full_like(d["scores"], float("inf"))
+            d["unc"][s] = u
+        return TeacherOutput(image_list.image_sizes, features, dets)
+
+    @torch.no_grad()
+    def jitter_uncertainty(self, teacher: FasterRCNN, features, image_sizes, boxes: list[Tensor],
+                           labels: list[Tensor]) -> list[Tensor]:
+        """Jittered copies refined by the teacher's RoI head (class of the pseudo-label, no NMS,
+        clipped to the image), then their relative spread (the original's compute_uncertainty_with_aug)."""
+        if sum(len(b) for b in boxes) == 0:
+            return [b.new_zeros(0) for b in boxes]
+        times = self.st.jitter_times
+        jittered = [jitter_boxes(b, times, self.st.jitter_scale).reshape(-1, 4) for b in boxes]
+        heads = teacher.roi_heads
+        _, deltas = heads.box_predictor(heads.box_features(features, jittered))
+        decoded = heads.box_coder.decode(deltas, jittered).reshape(len(deltas), heads.num_classes, 4)
+        out, start = [], 0
+        for b, lab, size in zip(boxes, labels, image_sizes):
+            n = times * len(b)
+            refined = decoded[start:start + n][torch.arange(n, device=decoded.device), lab.repeat(times)]
+            out.append(relative_uncertainty(clip_boxes(refined, size).reshape(times, len(b), 4)))
+            start += n
+        return out
+
+    @torch.no_grad()
+    def teacher_background(self, teacher_out: TeacherOutput, rois: list[Tensor],
+                           to_teacher: list[np.ndarray]) -> Tensor:
+        """The teacher's background probability on the student's RoIs mapped into its view."""
+        mapped = [map_boxes(r, m, size) for r, m, size in zip(rois, to_teacher, teacher_out.image_sizes)]
+        heads = self.teacher.roi_heads
+        logits = heads.box_predictor.cls_score(heads.box_features(teacher_out.features, mapped))
+        return F.softmax(logits, dim=-1)[:, -1]
+
+    def student_unsup(self, images: list[Tensor], rpn_set: list[dict], cls_set: list[dict], reg_set: list[dict],
+                      teacher_out: TeacherOutput, to_teacher: list[np.ndarray]) -> tuple[dict, TrainForward, Tensor]:
+        """Unweighted unsupervised losses on the student view: RPN (rpn set), soft-teacher RoI
+        classification (cls set), RoI regression from its own sampling (reg set)."""
+        model, heads = self.student, self.student.roi_heads
+        image_list, features = model.extract(images)
+        proposals, rpn_losses = model.rpn(image_list, features, [{"boxes": t["boxes"]} for t in rpn_set])
+        samples = heads.sample(proposals, cls_set)
+        box_feats = heads.box_features(features, samples.proposals)
+        logits, deltas = heads.box_predictor(box_feats)
+        weights = soft_weights(samples.labels, self.teacher_background(teacher_out, samples.proposals, to_teacher),
+                               heads.num_classes)
+        if any(len(t["boxes"]) for t in reg_set):
+            reg = heads.sample(proposals, reg_set)
+            _, reg_deltas = heads.box_predictor(heads.box_features(features, reg.proposals))
+            loss_reg = heads.box_regression_loss(reg_deltas, reg.labels, reg.regression_targets)
+        else:  # every sampled RoI would be background: the loss is exactly 0
+            loss_reg = deltas.sum() * 0
+        losses = {
+            "loss_rpn_cls": rpn_losses["loss_objectness"],
+            "loss_rpn_loc": rpn_losses["loss_rpn_box_reg"],
+            "loss_cls": soft_cls_loss(logits, samples.labels, weights),
+            "loss_box_reg": loss_reg,
+        }
+        fwd = TrainForward(losses, image_list, features, proposals, samples, box_feats, logits, deltas)
+        return losses, fwd, weights
+
+    def training_step(self, iteration: int, batch: dict) -> StepOutput:
+        self.student.train()
+        images_l, targets_l = batch_to_device(batch["labeled"], "weak", self.device)
+        fwd_l = self.student.train_forward(images_l, targets_l)
+        losses = {f"{k}_sup": v for k, v in fwd_l.losses.items()}
+        if iteration < self.cfg.semi.burn_in:
+            return StepOutput(losses)
+
+        semi, st, lsm = self.cfg.semi, self.st, self.lsm
+        items = batch["unlabeled"]
+        images_t, hidden_gt = batch_to_device(items, "weak", self.device)
+        views_s = self.student_views(items, iteration)
+        images_s = [v.image.to(self.device) for v in views_s]
+        to_student = [relative_matrix(it["views"]["weak"], v) for it, v in zip(items, views_s)]
+        to_teacher = [np.linalg.inv(m) for m in to_student]
+
+        teacher_out = self.pseudo_label(images_t)
+        pseudo = map_pseudo_labels(teacher_out.detections, to_student, [tuple(img.shape[-2:]) for img in images_s])
+        sets = split_pseudo_labels(pseudo, st.initial_score_thr, st.rpn_thr, semi.t, st.reg_unc_thr)
+        unsup, fwd_u, weights = self.student_unsup(images_s, sets["rpn"], sets["cls"], sets["reg"], teacher_out,
+                                                   to_teacher)
+        losses.update({f"{k}_unsup": semi.lambda_u * v for k, v in unsup.items()})
+
+        metrics = self._metrics(items, teacher_out, hidden_gt, fwd_u, weights)
+        if self.pim is not None:
+            pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo])
+            pim_u = self.pim.losses(self.student, fwd_u, pseudo_pim, sd=lsm.sd)
+            losses["loss_pim_cls_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_cls"]
+            losses["loss_pim_reg_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_reg"]
+            if lsm.sd:
+                losses["loss_sd"] = semi.lambda_u * lsm.sd_weight * pim_u["loss_sd"]
+            if lsm.pim_on_labeled:
+                pim_l = self.pim.losses(self.student, fwd_l, targets_l, sd=False)
+                losses["loss_pim_cls_sup"] = lsm.pim_weight * pim_l["loss_pim_cls"]
+                losses["loss_pim_reg_sup"] = lsm.pim_weight * pim_l["loss_pim_reg"]
+        return StepOutput(losses, metrics)
+
+    def _metrics(self, items, teacher_out: TeacherOutput, hidden_gt, fwd_u: TrainForward, weights: Tensor) -> dict:
+        """Pseudo-label quality (teacher view, against the hidden labels) of the cls and reg sets
+        (and the alpha set with LSM), mean box uncertainty, mean soft background weight."""
+        dets = teacher_out.detections
+        scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in items]
+        area = self.cfg.eval.area_scale
+        metrics = pseudo_label_stats(filter_pseudo_labels(dets, self.cfg.semi.t), hidden_gt, scale, area, prefix="pl")
+        st = self.st
+        reg = split_pseudo_labels(dets, st.initial_score_thr, st.rpn_thr, self.cfg.semi.t, st.reg_unc_thr)["reg"]
+        metrics.update(pseudo_label_stats(reg, hidden_gt, scale, area, prefix="pl_reg"))
+        if self.pim is not None:
+            metrics.update(pseudo_label_stats(filter_pseudo_labels(dets, self.lsm.alpha), hidden_gt, scale, area,
+                                              prefix="pl_alpha"))
+        unc = torch.cat([d["unc"][torch.isfinite(d["unc"])] for d in dets])
+        if len(unc):
+            metrics["pl_box_unc_mean"] = float(unc.mean())
+        bg = fwd_u.samples.labels == self.num_classes
+        if bg.any():
+            metrics["soft_bg_weight_mean"] = float(weights[bg].mean())
+        return metrics

@@ -1,0 +1,25 @@
+"""Cell keys: the sha256 of everything that changes a cell's result.
+
+Config (device and logging excluded, `RunConfig.key_dict`), the split manifest's hash, the data
+hash and the method's code version. Bump a method's version when a code change alters its
+results: old cells then get new keys instead of being reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+# ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
+CODE_VERSION = {"supervised": 1, "ubteacher": 2}
+
+
+def cell_key(cfg, data) -> str:
+    """`cfg`: a RunConfig; `data`: its SemiData (bench/data/sources.py)."""
+    payload = {
+        "config": cfg.key_dict(),
+        "split": data.manifest.sha256,
+        "data": data.manifest.data_hash,
+        "code": CODE_VERSION.get(cfg.method, 1),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,328 @@
+"""`bench study figure5 | table5 | tune`, `bench figure NAME`, `bench ui`.
+
+Studies run their trials as cells through the worker (cached cells cost nothing) and are resumable:
+rerunning the same command continues the study. `figure` only reads what is done (or trains the
+missing cells with --train); `ui` serves MLflow and optuna-dashboard on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bench.errors import BenchError
+
+study_app = typer.Typer(help="Optuna studies: Figure 5 thresholds, Table 5 PIM levels, joint tuning.",
+                        no_args_is_help=True)
+console = Console()
+
+HOME_OPT = typer.Option(None, "--home", help="Working store (default: $BENCH_HOME or ./.bench).")
+STORAGE_OPT = typer.Option(None, "--storage", help="Optuna storage: a journal file (default "
+                           "BENCH_HOME/optuna/journal.log) or an RDB URL (postgresql+psycopg://...).")
+WORKERS_OPT = typer.Option(1, "--workers", help="Trial processes at once on this machine.")
+TRACK_OPT = typer.Option(True, help="Log the study, its trials and cells to MLflow.")
+OUT_OPT = typer.Option(Path("results"), help="Where figures and tables are written.")
+NAME_OPT = typer.Option(None, "--name", help="Study name (default: from the command and preset).")
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _home(home: Optional[Path]) -> Path:
+    from bench.paths import bench_home
+
+    return home.resolve() if home else bench_home()
+
+
+def _command() -> str:
+    return "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"{option} takes numbers separated by commas, e.g. 0.3,0.5,0.7; got '{text}'") from None
+
+
+def _summary(study, defn) -> str:
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {s.name.lower(): states.count(s) for s in TrialState if states.count(s)}
+    return f"study {defn.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+# -- bench study figure5 ---------------------------------------------------------------------------
+@study_app.command("figure5", context_settings=EXTRA)
+def figure5(ctx: typer.Context,
+            seeds: int = typer.Option(3, help="Seeds per grid point (seed i trains on split fold i)."),
+            preset: str = typer.Option("demo", help="Preset."),
+            grid: Optional[str] = typer.Option(None, help="Thresholds, e.g. 0.3,0.5,0.7 (default 0.3 ... 0.9)."),
+            workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
+            track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
+    """Figure 5: AP against t (UBteacher) and alpha (UBteacher + LSM), a grid study per curve.
+
+    Extra arguments are config overrides (e.g. solver.max_iter=500). Writes OUT/figure5.png and
+    OUT/figure5_data.csv.
+    """
+    from studies.definitions import figure5_defs
+    from studies.run import run_study
+
+    home = _home(home)
+    defs, notes = figure5_defs(preset, list(ctx.args), seeds, _floats(grid, "--grid"), name)
+    for n in notes:
+        console.print(f"[dim]{n}[/dim]")
+    command = _command()
+    done = []
+    for d in defs:
+        study = run_study(d, home, storage, workers, track, command, log=console.print)
+        console.print(_summary(study, d))
+        done.append((study, d))
+    png, csv = write_figure5(done, preset, out, command)
+    console.print(f"figure: {png}  data: {csv}")
+
+
+def write_figure5(studies, preset: str, out: Path, command: str) -> tuple[Path, Path]:
+    from bench.paper import paper_value
+    from bench.report.figures import plot_threshold_curves, save
+    from studies.results import figure5_points
+
+    points = figure5_points(studies)
+    paper = None
+    if preset == "coco":  # the paper's only number; other presets are on another scale
+        value = paper_value("figure5", "coco_standard_1", "ubteacher", True, "alpha=0.5", "AP")
+        paper = (0.5, value[0]) if value else None
+    fig = plot_threshold_curves(points, paper, title=f"Filtering threshold, 1% labels, preset {preset} (Figure 5)")
+    table = Table(title="AP by threshold (mean ± std over seeds)")
+    for col in ("curve", "threshold", "AP", "seeds"):
+        table.add_column(col)
+    for (curve, thr), g in points.groupby(["curve", "threshold"]):
+        std = g["AP"].std()
+        table.add_row(curve, f"{thr:g}", f"{g['AP'].mean():.2f}" + (f" ± {std:.2f}" if std == std else ""), str(len(g)))
+    console.print(table)
+    return save(fig, points, Path(out) / "figure5.png", command)
+
+
+# -- bench study table5 ----------------------------------------------------------------------------
+@study_app.command("table5", context_settings=EXTRA)
+def table5(ctx: typer.Context,
+           seeds: int = typer.Option(3, help="Seeds per row (seed i trains on split fold i)."),
+           preset: str = typer.Option("demo", help="Preset."),
+           rows: Optional[str] = typer.Option(None, help="Only these Table 5 rows, e.g. baseline,pim_p3p4."),
+           workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
+           track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
+    """Table 5: baseline, naive large-area and the PIM level subsets as a categorical grid study.
+
+    Writes OUT/table5.{md,csv,tex,html} through the same renderer as `bench report table5`.
+    """
+    from studies.definitions import table5_def
+    from studies.run import run_study
+
+    home = _home(home)
+    d = table5_def(preset, list(ctx.args), seeds, rows.split(",") if rows else None, name)
+    command = _command()
+    study = run_study(d, home, storage, workers, track, command, log=console.print)
+    console.print(_summary(study, d))
+    paths = write_table5(study, d, preset, out, command)
+    console.print(paths[0].read_text(), markup=False, highlight=False)
+
+
+def write_table5(study, defn, preset: str, out: Path, command: str) -> list[Path]:
+    from datetime import datetime, timezone
+
+    from bench import tracking
+    from bench.report.tables import write_all
+    from bench.specs import load_spec
+    from studies.results import table5_results
+
+    spec = load_spec("table5")
+    results, failed = table5_results(study, defn, list(spec.metrics))
+    header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset, "study": defn.name,
+              "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return write_all(spec, results, failed, out, header=header)
+
+
+# -- bench study tune ------------------------------------------------------------------------------
+@study_app.command("tune", context_settings=EXTRA)
+def tune(ctx: typer.Context,
+         method: str = typer.Option("ubteacher", help="Method (a mean-teacher method for t/alpha)."),
+         lsm: bool = typer.Option(False, "--lsm", help="Also tune LSM: alpha, pim_levels, pim_weight, sd_weight."),
+         trials: int = typer.Option(20, help="Trials to finish (complete, pruned or failed), over all reruns."),
+         seed: int = typer.Option(1, help="Training seed and split fold of every trial."),
+         sampler_seed: int = typer.Option(0, help="TPE seed (worker i uses seed + i)."),
+         preset: str = typer.Option("demo", help="Preset."),
+         workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
+         track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
+    """Joint TPE search with median pruning on the periodic evaluation AP.
+
+    Without solver.eval_period in the preset, four evaluations per run are added for pruning.
+    Writes OUT/<study>_trials.csv.
+    """
+    from studies.definitions import tune_def
+    from studies.run import run_study
+
+    home = _home(home)
+    d = tune_def(preset, list(ctx.args), method, lsm, trials, seed, sampler_seed, name)
+    study = run_study(d, home, storage, workers, track, _command(), log=console.print)
+    console.print(_summary(study, d))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{d.name}_trials.csv"
+    study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration")).to_csv(path, index=False)
+    from optuna.trial import TrialState
+
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = study.best_trial
+        console.print(f"best trial {best.number}: AP {best.value:.2f} with "
+                      + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
+    console.print(f"trials: {path}")
+
+
+# -- bench figure ----------------------------------------------------------------------------------
+FIGURES = ("fig1", "fig4", "pl-quality", "figure5")
+
+
+def figure(ctx: typer.Context,
+           name: str = typer.Argument(..., help="fig1, fig4, pl-quality or figure5."),
+           preset: str = typer.Option("demo", help="Preset."),
+           seeds: int = typer.Option(3, help="fig4 / pl-quality: seeds of each method."),
+           ratio: Optional[float] = typer.Option(None, help="Label ratio (fig1 default 100, fig4 default 5)."),
+           score_thresh: Optional[float] = typer.Option(None, help="fig1: pseudo-label score threshold (default semi.t)."),
+           train: bool = typer.Option(False, "--train", help="Train the cells that are not done (else: error)."),
+           study_name: Optional[str] = typer.Option(None, "--name", help="figure5: the studies' base name."),
+           storage: Optional[str] = STORAGE_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
+    """Draw a paper figure from finished cells: PNG + the CSV behind it, the command in both.
+
+    Extra arguments are config overrides; fig4 needs periodic evaluations (solver.eval_period=N).
+    """
+    home = _home(home)
+    overrides = list(ctx.args)
+    command = _command()
+    if name not in FIGURES:
+        raise BenchError(f"unknown figure '{name}'; figures: {', '.join(FIGURES)}")
+    if name == "figure5":
+        from studies.definitions import FIGURE5_CURVES
+        from studies.run import load_study
+
+        base = study_name or f"figure5-{preset}"
+        studies = [load_study(f"{base}-{c}", home, storage) for c in FIGURE5_CURVES
+                   if _study_exists(f"{base}-{c}", home, storage)]
+        if not studies:
+            raise BenchError(f"no study {base}-* yet; run `bench study figure5 --preset {preset}` first")
+        png, csv = write_figure5(studies, preset, out, command)
+    elif name == "fig1":
+        png, csv = _fig1(preset, overrides, ratio or 100.0, score_thresh, train, home, out, command)
+    else:
+        png, csv = _fig4(name, preset, overrides, seeds, ratio or 5.0, train, home, out, command)
+    console.print(f"figure: {png}  data: {csv}")
+
+
+def _study_exists(name: str, home: Path, storage: Optional[str]) -> bool:
+    import optuna
+
+    from studies.storage import open_storage
+
+    return name in {s.study_name for s in optuna.get_all_study_summaries(open_storage(home, storage))}
+
+
+def _fig4(name, preset, overrides, seeds, ratio, train, home, out, command):
+    import pandas as pd
+
+    from bench.plan import build_plan
+    from bench.report.figures import (eval_curves, plot_pseudo_label_quality, plot_training_curves,
+                                      pseudo_label_curves, save)
+    from bench.specs import load_spec
+    from bench.worker import run_cell
+
+    spec = load_spec("table1")
+    cells, _ = build_plan(spec, preset, seeds, home, [ratio], overrides)
+    cells = [c for c in cells if c.row_id in ("ubteacher", "ubteacher_lsm") and c.column_id.startswith("coco_standard")]
+    if not cells:
+        raise BenchError(f"table1 has no COCO-standard column at ratio {ratio:g}; use --ratio 1, 2, 5 or 10")
+    labels = {"ubteacher": "UBteacher (threshold t)", "ubteacher_lsm": "UBteacher + LSM (threshold α)"}
+    frames = []
+    for c in cells:
+        if c.status(home) != "done":
+            if not train:
+                raise BenchError(f"cell {c.row_id} seed {c.seed} ({c.key[:12]}) is {c.status(home)}; pass --train or "
+                                 f"run `bench run table1 --preset {preset} --ratios {ratio:g} --seeds {seeds}` with the same overrides")
+            run_cell(c.config, home)
+        path = c.directory(home) / "metrics.jsonl"
+        df = eval_curves(path) if name == "fig4" else pseudo_label_curves(path)
+        frames.append(df.assign(method=labels[c.row_id], seed=c.seed, cell_key=c.key))
+    data = pd.concat(frames, ignore_index=True)
+    if name == "fig4":
+        if data["iteration"].nunique() < 2:
+            console.print("[yellow]only the final evaluation is logged: add solver.eval_period=N for curves[/yellow]")
+        fig = plot_training_curves(data, title=f"Recall and AP over training, {ratio:g}% labels, preset {preset} (Figure 4)")
+        return save(fig, data, Path(out) / "figure4.png", command)
+    fig = plot_pseudo_label_quality(data)
+    return save(fig, data, Path(out) / "pseudo_label_quality.png", command)
+
+
+def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
+    """Paper Figure 1: a supervised detector on all labels; its confident detections on val."""
+    import torch
+
+    from adapters.base import get_adapter
+    from bench.config import load_config
+    from bench.data.sources import prepare_data
+    from bench.paths import run_dir
+    from bench.report.figures import iou_vs_area, plot_iou_vs_area, save
+    from bench.keys import cell_key
+    from bench.worker import aug_config, resolve_device, run_cell
+    from adapters.engine.inference import run_inference
+
+    cfg = load_config(preset, overrides + [f"data.ratio={ratio:g}"], method="supervised", seed=1)
+    data = prepare_data(cfg.data, home)
+    rdir = run_dir(home, cell_key(cfg, data))
+    if not (rdir / "model_final.pth").exists():
+        if not train:
+            raise BenchError(f"the supervised cell at {ratio:g}% labels is not trained; pass --train or run "
+                             f"`bench train --method supervised --preset {preset} --ratio {ratio:g}`")
+        run_cell(cfg, home)
+    device = resolve_device(cfg.device)
+    adapter = get_adapter("supervised")(cfg, data.num_classes, device)
+    state = torch.load(rdir / "model_final.pth", map_location="cpu", weights_only=True)
+    name, model = next(iter(adapter.eval_models().items()))
+    model.load_state_dict(state[name])
+    dets = run_inference(model, data.val, aug_config(cfg, strong=False), device)
+    thresh = cfg.semi.t if score_thresh is None else score_thresh
+    df = iou_vs_area(dets, data.val, thresh, cfg.eval.area_scale)
+    fig = plot_iou_vs_area(df, thresh)
+    return save(fig, df, Path(out) / "figure1.png", command)
+
+
+# -- bench ui --------------------------------------------------------------------------------------
+def ui(port: int = typer.Option(5000, "--port", help="MLflow UI port on 127.0.0.1."),
+       dashboard_port: int = typer.Option(8080, "--dashboard-port", help="optuna-dashboard port on 127.0.0.1."),
+       dashboard: bool = typer.Option(True, help="Also start optuna-dashboard (the `dashboard` extra)."),
+       storage: Optional[str] = STORAGE_OPT, home: Optional[Path] = HOME_OPT):
+    """Start the MLflow UI and optuna-dashboard on the suite's stores; Ctrl-C stops both."""
+    import time
+
+    from studies import ui as ui_mod
+
+    home = _home(home)
+    if dashboard and not ui_mod.dashboard_available():
+        console.print("[yellow]optuna-dashboard is not installed (pip install 'lsm-bench[dashboard]'); "
+                      "starting MLflow only[/yellow]")
+        dashboard = False
+    services = ui_mod.start(home, storage, port, dashboard_port, dashboard)
+    for s in services:
+        console.print(f"{s.name}: {s.url}")
+    console.print("Ctrl-C stops the servers")
+    try:
+        while all(s.process is None or s.process.poll() is None for s in services):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ui_mod.stop(services)

@@ -1,0 +1,50 @@
+"""`bench study` / `bench figure` through Typer, as bench/cli.py will wire them."""
+
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from bench.errors import BenchError
+from bench.study_cli import figure, study_app
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _app():
+    app = typer.Typer()
+    app.add_typer(study_app, name="study")
+    app.command("figure", context_settings=EXTRA)(figure)
+    return app
+
+
+def test_study_figure5_then_figure_regenerates_it(tmp_path, tiny):
+    app, runner = _app(), CliRunner()
+    out = tmp_path / "results"
+    args = ["--seeds", "1", "--grid", "0.5,0.8", "--home", str(tmp_path), "--out", str(out), "--no-track"]
+    r = runner.invoke(app, ["study", "figure5", *args, *tiny], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "alpha 0.8 left out" in r.output and "study figure5-demo-ubteacher: 2 complete" in r.output
+    assert "study figure5-demo-ubteacher_lsm: 1 complete" in r.output
+    data = (out / "figure5_data.csv").read_text().splitlines()
+    assert data[1].startswith("curve,threshold,seed,AP") and len(data) == 2 + 3
+    # rerun: nothing left to train, same three points
+    r = runner.invoke(app, ["study", "figure5", *args, *tiny], catch_exceptions=False)
+    assert r.exit_code == 0 and "2 complete" in r.output and len((out / "figure5_data.csv").read_text().splitlines()) == 5
+    (out / "figure5.png").unlink()
+    r = runner.invoke(app, ["figure", "figure5", "--home", str(tmp_path), "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert Image.open(out / "figure5.png").info["Description"].startswith("bench ")
+
+
+def test_bad_input_is_one_bench_error(tmp_path, tiny):
+    app, runner = _app(), CliRunner()
+    r = runner.invoke(app, ["figure", "fig9", "--home", str(tmp_path)])
+    assert isinstance(r.exception, BenchError) and "unknown figure 'fig9'" in str(r.exception)
+    r = runner.invoke(app, ["figure", "figure5", "--home", str(tmp_path)])
+    assert isinstance(r.exception, BenchError) and "bench study figure5" in str(r.exception)
+    r = runner.invoke(app, ["study", "figure5", "--grid", "0.5,x", "--home", str(tmp_path)])
+    assert isinstance(r.exception, BenchError) and "--grid takes numbers" in str(r.exception)
+    r = runner.invoke(app, ["study", "tune", "--trials", "0", "--home", str(tmp_path), *tiny])
+    assert isinstance(r.exception, BenchError) and "--trials must be at least 1" in str(r.exception)
+    r = runner.invoke(app, ["figure", "fig4", "--home", str(tmp_path), "--seeds", "1", *tiny])
+    assert isinstance(r.exception, BenchError) and "pass --train" in str(r.exception)
