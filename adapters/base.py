@@ -91,3 +91,42 @@ class Adapter(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
+
+
+class MeanTeacherAdapter(Adapter):
+    """A student, its teacher (an exact copy at `semi.burn_in`, an EMA after), supervised burn-in
+    first; with `lsm.enabled`, LSM's F_aux on the student and the PIM/SD losses (adapters/lsm.py).
+    Subclasses write `training_step`, `hooks` (their teacher update) and `eval_models`."""
+
+    def __init__(self, cfg, num_classes: int, device: torch.device):
+        import copy
+
+        from adapters.lsm import PIM, attach_aux_classifier
+
+        super().__init__(cfg, num_classes, device)
+        if cfg.semi.burn_in >= cfg.solver.max_iter:
+            raise BenchError(f"semi.burn_in ({cfg.semi.burn_in}) must be below solver.max_iter "
+                             f"({cfg.solver.max_iter}); lower burn_in or train longer")
+        self.lsm = cfg.lsm
+        self.pim = None
+        if cfg.lsm.enabled:
+            attach_aux_classifier(self.student)
+            self.pim = PIM(cfg.lsm, cfg.semi.t, cfg.model)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+
+    def on_teacher_copy(self):
+        """What the teacher hook calls when it copies the student (LSM: F_aux <- the main classifier)."""
+        from adapters.lsm import init_aux_from_main
+
+        return (lambda: init_aux_from_main(self.student)) if self.pim else None
+
+    def unlabeled_start(self) -> int:
+        return self.cfg.semi.burn_in
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])

@@ -26,7 +26,6 @@ photometric recipe of bench/data/transforms.py. docs/softteacher.md lists every 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -39,10 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
-from adapters.base import Adapter, StepOutput, batch_to_device, register
+from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
 from adapters.engine.ema import ema_update
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
-from adapters.lsm import PIM, attach_aux_classifier, init_aux_from_main
 from adapters.models.faster_rcnn import FasterRCNN, TrainForward
 from bench.data.coco import load_image
 from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, View, relative_matrix,
@@ -239,46 +237,25 @@ class TeacherOutput:
 
 # ----------------------------------------------------------------------------- the adapter
 @register("softteacher")
-class SoftTeacher(Adapter):
+class SoftTeacher(MeanTeacherAdapter):
     labeled_views = ("weak",)  # resize + flip (the original adds one colour op)
     unlabeled_views = ("weak",)  # the teacher view; the student view is built by `student_view`
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
-        super().__init__(cfg, num_classes, device)
-        if cfg.semi.burn_in >= cfg.solver.max_iter:
-            raise BenchError(f"semi.burn_in ({cfg.semi.burn_in}) must be below solver.max_iter "
-                             f"({cfg.solver.max_iter}); lower burn_in or train longer")
         if cfg.lsm.enabled and cfg.lsm.naive_large_area:
             raise BenchError("lsm.naive_large_area (Table 5's UBT variant) is not defined for softteacher; "
                              "set lsm.naive_large_area=false")
+        super().__init__(cfg, num_classes, device)
         self.st = method_config(cfg)
-        self.lsm = cfg.lsm
-        self.pim = None
-        if cfg.lsm.enabled:
-            attach_aux_classifier(self.student)
-            self.pim = PIM(cfg.lsm, cfg.semi.t, cfg.model)
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.requires_grad_(False)
 
     def hooks(self) -> list:
-        on_copy = (lambda: init_aux_from_main(self.student)) if self.pim else None
         return [SoftTeacherEMAHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
-                                   self.st.ema_warm_up, on_copy=on_copy)]
-
-    def unlabeled_start(self) -> int:
-        return self.cfg.semi.burn_in
+                                   self.st.ema_warm_up, on_copy=self.on_teacher_copy())]
 
     def eval_models(self) -> dict:
         # The original evaluates the student (inference_on="student"), and the paper's SoftTeacher
         # row is the Soft Teacher paper's numbers; the teacher is logged beside it (pitfall 4, 11).
         return {"student": self.student, "teacher": self.teacher}
-
-    def state_dict(self) -> dict:
-        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
 
     # ------------------------------------------------------------------------------------------
     def student_views(self, items: list[dict], iteration: int) -> list[View]:

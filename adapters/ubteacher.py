@@ -14,55 +14,27 @@ Eq. 3 of the LSM paper, read off `training_step`:
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
-from adapters.base import Adapter, StepOutput, batch_to_device, register
+from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
-from adapters.lsm import PIM, attach_aux_classifier, init_aux_from_main
-from bench.errors import BenchError
 
 
 @register("ubteacher")
-class UnbiasedTeacher(Adapter):
+class UnbiasedTeacher(MeanTeacherAdapter):
     labeled_views = ("weak", "strong")
     unlabeled_views = ("weak", "strong")
 
-    def __init__(self, cfg, num_classes: int, device: torch.device):
-        super().__init__(cfg, num_classes, device)
-        if cfg.semi.burn_in >= cfg.solver.max_iter:
-            raise BenchError(f"semi.burn_in ({cfg.semi.burn_in}) must be below solver.max_iter "
-                             f"({cfg.solver.max_iter}); lower burn_in or train longer")
-        self.lsm = cfg.lsm
-        self.pim = None
-        if cfg.lsm.enabled:
-            attach_aux_classifier(self.student)
-            self.pim = PIM(cfg.lsm, cfg.semi.t, cfg.model)
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.requires_grad_(False)
-
     def hooks(self) -> list:
-        on_copy = (lambda: init_aux_from_main(self.student)) if self.pim else None
         return [MeanTeacherHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
-                                include_buffers=True, on_copy=on_copy)]
-
-    def unlabeled_start(self) -> int:
-        return self.cfg.semi.burn_in
+                                include_buffers=True, on_copy=self.on_teacher_copy())]
 
     def eval_models(self) -> dict:
         models = {"teacher": self.teacher}  # the paper reports the teacher
         if self.cfg.eval.evaluate_student:
             models["student"] = self.student
         return models
-
-    def state_dict(self) -> dict:
-        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
 
     # ------------------------------------------------------------------------------------------
     def _labeled(self, batch: dict):

@@ -88,7 +88,7 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
         return cell.depends_on is None or (run_dir(home, cell.depends_on) / "result.json").exists()
 
     try:
-        with Live(console=console, refresh_per_second=2, transient=False) as live:
+        with Live(console=console, refresh_per_second=1, transient=False) as live:
             while queue or executor.jobs:
                 for cell, _ in [q for q in queue if q[0].depends_on in failed_keys]:
                     _record_failure(cell, home, f"its burn-in cell {cell.depends_on[:12]} failed")
@@ -119,7 +119,7 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
                     queue.clear()
                 live.update(_display(list(executor.jobs.values()), done, failed, total, t0, home,
                                      iters_at_start, iters_total))
-                time.sleep(0.2)
+                time.sleep(0.5)  # the orchestrator must not take CPU from the workers
     except KeyboardInterrupt:
         executor.cancel()
         raise

@@ -129,8 +129,9 @@ from bench.plan import build_plan
 from bench.runner import run_cells
 from bench.specs import load_spec_file
 from tests.conftest import TINY
-cells, _ = build_plan(load_spec_file(Path(sys.argv[1])), "demo", 1, Path(sys.argv[2]), [1.0, 5.0], overrides=TINY)
-run_cells(cells, LocalExecutor(["cpu"], slots_per_device=1, track=False), Path(sys.argv[2]))
+if __name__ == "__main__":  # worker processes import the main module (multiprocessing's rule)
+    cells, _ = build_plan(load_spec_file(Path(sys.argv[1])), "demo", 1, Path(sys.argv[2]), [1.0, 5.0], overrides=TINY)
+    run_cells(cells, LocalExecutor(["cpu"], slots_per_device=1, track=False), Path(sys.argv[2]))
 """
 
 
