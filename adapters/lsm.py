@@ -86,6 +86,22 @@ class PIM:
         self.canonical_scale = model_cfg.canonical_scale
         self.sampling_ratio = model_cfg.pooler_sampling_ratio
 
+    def weighted_terms(self, model: FasterRCNN, fwd_u: TrainForward, pseudo: list[dict], fwd_l: TrainForward,
+                       targets_l: list[dict], lambda_u: float) -> dict[str, Tensor]:
+        """LSM's terms of Eq. 3, weighted: lambda_u * (pim_weight * L_pim + sd_weight * L_sd) on the
+        unlabeled batch (pseudo-labels above alpha), plus pim_weight * L_pim on the labeled batch."""
+        c = self.cfg
+        pim_u = self.losses(model, fwd_u, pseudo, sd=c.sd)
+        out = {"loss_pim_cls_unsup": lambda_u * c.pim_weight * pim_u["loss_pim_cls"],
+               "loss_pim_reg_unsup": lambda_u * c.pim_weight * pim_u["loss_pim_reg"]}
+        if c.sd:
+            out["loss_sd"] = lambda_u * c.sd_weight * pim_u["loss_sd"]
+        if c.pim_on_labeled:
+            pim_l = self.losses(model, fwd_l, targets_l, sd=False)
+            out["loss_pim_cls_sup"] = c.pim_weight * pim_l["loss_pim_cls"]
+            out["loss_pim_reg_sup"] = c.pim_weight * pim_l["loss_pim_reg"]
+        return out
+
     def losses(self, model: FasterRCNN, fwd: TrainForward, targets: list[dict], sd: bool) -> dict[str, Tensor]:
         """PIM losses for `targets` (boxes, labels, scores; already filtered at alpha).
 

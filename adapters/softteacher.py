@@ -368,15 +368,7 @@ class SoftTeacher(MeanTeacherAdapter):
         metrics = self._metrics(items, teacher_out, hidden_gt, fwd_u, weights)
         if self.pim is not None:
             pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo])
-            pim_u = self.pim.losses(self.student, fwd_u, pseudo_pim, sd=lsm.sd)
-            losses["loss_pim_cls_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_cls"]
-            losses["loss_pim_reg_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_reg"]
-            if lsm.sd:
-                losses["loss_sd"] = semi.lambda_u * lsm.sd_weight * pim_u["loss_sd"]
-            if lsm.pim_on_labeled:
-                pim_l = self.pim.losses(self.student, fwd_l, targets_l, sd=False)
-                losses["loss_pim_cls_sup"] = lsm.pim_weight * pim_l["loss_pim_cls"]
-                losses["loss_pim_reg_sup"] = lsm.pim_weight * pim_l["loss_pim_reg"]
+            losses.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_pim, fwd_l, targets_l, semi.lambda_u))
         return StepOutput(losses, metrics)
 
     def _metrics(self, items, teacher_out: TeacherOutput, hidden_gt, fwd_u: TrainForward, weights: Tensor) -> dict:

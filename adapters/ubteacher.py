@@ -75,14 +75,6 @@ class UnbiasedTeacher(MeanTeacherAdapter):
         metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl")
         if self.pim is not None:
             pseudo_pim = filter_pseudo_labels(detections, lsm.alpha)
-            pim_u = self.pim.losses(self.student, fwd_u, pseudo_pim, sd=lsm.sd)
-            losses["loss_pim_cls_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_cls"]
-            losses["loss_pim_reg_unsup"] = semi.lambda_u * lsm.pim_weight * pim_u["loss_pim_reg"]
-            if lsm.sd:
-                losses["loss_sd"] = semi.lambda_u * lsm.sd_weight * pim_u["loss_sd"]
-            if lsm.pim_on_labeled:
-                pim_l = self.pim.losses(self.student, fwd_l, targets_l, sd=False)
-                losses["loss_pim_cls_sup"] = lsm.pim_weight * pim_l["loss_pim_cls"]
-                losses["loss_pim_reg_sup"] = lsm.pim_weight * pim_l["loss_pim_reg"]
+            losses.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_pim, fwd_l, targets_l, semi.lambda_u))
             metrics.update(pseudo_label_stats(pseudo_pim, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl_alpha"))
         return StepOutput(losses, metrics)

@@ -17,7 +17,6 @@ from PIL import Image
 import adapters.base as base
 from adapters import registry
 from adapters.engine.checkpoint import rng_state, set_rng_state
-from adapters.engine.hooks import HookBase
 from adapters.engine.trainer import StopTraining
 from adapters.models.faster_rcnn import build_faster_rcnn
 from bench.burn_in import burn_in_config
@@ -29,6 +28,7 @@ from bench.paths import run_dir
 from bench.worker import batch_stream, run_cell, seed_everything
 from tests.adapters.test_faster_rcnn import tiny_cfg
 from tests.conftest import TINY
+from tests.test_worker import StopAfter
 
 st = importlib.import_module("adapters.softteacher")
 
@@ -277,15 +277,6 @@ def test_background_weights_come_from_the_teacher_on_the_mapped_rois(setting):
 
 
 # ----------------------------------------------------------------------------- end to end
-class StopAfter(HookBase):
-    def __init__(self, n):
-        self.n = n
-
-    def after_step(self):
-        if self.trainer.iter + 1 == self.n:
-            raise StopTraining()
-
-
 def _e2e_config(monkeypatch):
     monkeypatch.setattr(st, "method_config", lambda cfg: LOW)
     return load_config("demo", TINY_ST + ["solver.max_iter=5", "solver.checkpoint_period=2", "semi.t=0.06",
