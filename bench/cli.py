@@ -154,9 +154,10 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
 
     home = _home(home)
     spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    nothing_to_run = all(c.status(home) == "done" for c in cells)
     if devices is None:
-        if all(c.status(home) == "done" for c in cells):
-            devices = "cpu"  # nothing to run: no need to import torch to look for GPUs
+        if nothing_to_run:
+            devices = "cpu"  # no need to import torch to look for GPUs
         else:
             import torch
 
@@ -164,7 +165,7 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
             devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
     if slots_per_device is None:
         slots_per_device = 1 if devices.startswith("cuda") else max(1, min(os.cpu_count() or 1, 4))
-    executor = LocalExecutor(devices.split(","), slots_per_device, track=track)
+    executor = LocalExecutor(devices.split(","), slots_per_device, track=track, prestart=not nothing_to_run)
     command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     serve = track and not os.environ.get("MLFLOW_TRACKING_URI") and executor.slots > tracking.SQLITE_MAX_WORKERS
     with tracking.LocalServer(home) if serve else contextlib.nullcontext() as server:

@@ -63,12 +63,13 @@ class LocalExecutor:
     devices: list[str]
     slots_per_device: int = 1
     track: bool = True
+    prestart: bool = True  # False when nothing will run (a cached table): no fork server at all
     jobs: dict[int, Job] = field(default_factory=dict)
 
     def __post_init__(self):
-        # start the fork server now: its imports overlap with planning instead of delaying the first cell
-        _context()
-        multiprocessing.forkserver.ensure_running()
+        if self.prestart:  # its imports then overlap with planning instead of delaying the first cell
+            _context()
+            multiprocessing.forkserver.ensure_running()
 
     @property
     def slots(self) -> int:
