@@ -120,7 +120,7 @@ def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
         status = c.status(home)
         est = None if status == "done" else estimate_seconds(c, speeds)
         if status != "done":
-            left += c.iterations - (c.config.semi.burn_in if c.depends_on else 0)
+            left += c.work
             seconds += est or 0.0
             unknown += est is None
         iters = f"{c.iterations}" if c.depends_on is None else f"{c.config.semi.burn_in}+{c.iterations - c.config.semi.burn_in}"

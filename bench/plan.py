@@ -42,7 +42,13 @@ class Cell:
 
     @property
     def iterations(self) -> int:
+        """The iteration this cell's training ends at."""
         return self.config.semi.burn_in if self.is_burn_in else self.config.solver.max_iter
+
+    @property
+    def work(self) -> int:
+        """Iterations this cell trains itself (a cell with a shared burn-in starts after it)."""
+        return self.iterations - (self.config.semi.burn_in if self.depends_on else 0)
 
     def directory(self, home: Path) -> Path:
         return run_dir(home, self.key)
@@ -96,7 +102,7 @@ def estimate_seconds(cell: Cell, speeds: dict[tuple, float]) -> float | None:
     speed = speeds.get((cfg.preset, cfg.method, cfg.lsm.enabled, cfg.stage))
     if speed is None:
         return None
-    return speed * (cell.iterations - (cfg.semi.burn_in if cell.depends_on else 0))
+    return speed * cell.work
 
 
 def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | None = None,

@@ -39,11 +39,11 @@ def _display(running, done: list[Cell], failed: list, total: int, t0: float, hom
                         f"{total - len(done) - len(failed) - len(running)} queued of {total}")
     for col in ("row", "column", "seed", "progress", "key"):
         table.add_column(col)
-    iters_now = sum(c.iterations for c in done)
+    iters_now = sum(c.work for c in done)
     for job in running:
         c = job.cell
         n = _iterations_done(c, home)
-        iters_now += n
+        iters_now += max(0, n - (c.iterations - c.work))
         table.add_row(c.row_id, c.column_id, str(c.seed), f"{n}/{c.iterations}" if n else "starting", c.key[:10])
     elapsed = time.perf_counter() - t0
     # ETA from the training iterations finished in this invocation (cells differ in length)
@@ -81,8 +81,8 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
     failed_keys: set[str] = set()
     t0 = time.perf_counter()
     total = len(cells)
-    iters_total = sum(c.iterations for c in cells)
-    iters_at_start = sum(c.iterations for c in done)
+    iters_total = sum(c.work for c in cells)
+    iters_at_start = sum(c.work for c in done)
 
     def ready(cell: Cell) -> bool:
         return cell.depends_on is None or (run_dir(home, cell.depends_on) / "result.json").exists()
