@@ -21,11 +21,12 @@ from optuna.trial import TrialState
 from bench.errors import BenchError
 from studies.definitions import StudyDef
 from studies.mlflow_callback import RUN_ATTR, MLflowStudyCallback
-from studies.objective import WORKER_ATTR, objective, token_alive
+from studies.objective import WORKER_ATTR, objective, process_token, token_alive
 from studies.storage import default_url, open_storage
 
 DEF_ATTR = "bench_definition"
 ID_ATTR = "bench_identity"
+WORKER_PREFIX = "bench_worker:"  # study user attrs: one per worker process that ever ran trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -83,9 +84,13 @@ def recover(study: optuna.Study, defn: StudyDef, mlflow_cb: MLflowStudyCallback)
     """Fail the trials of dead local workers and queue again what must be retried; notes."""
     notes = []
     storage = study._storage
+    workers = [k[len(WORKER_PREFIX):] for k in study.user_attrs if k.startswith(WORKER_PREFIX)]
+    all_workers_dead = bool(workers) and all(token_alive(w) is False for w in workers)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         token = t.system_attrs.get(WORKER_ATTR)
-        if token is None or token_alive(token) is not False:
+        if token is None and not all_workers_dead:
+            continue  # killed between its creation and its first line, or still starting: cannot tell yet
+        if token is not None and token_alive(token) is not False:
             continue  # alive, or on another host (an RDB storage's heartbeat handles those)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if RUN_ATTR in t.user_attrs and mlflow_cb.enabled:
@@ -159,6 +164,9 @@ def work(study: optuna.Study, defn: StudyDef, home: Path, mlflow_cb: MLflowStudy
                 st.stop()
 
         callbacks.append(stop_when_settled)
+    # registered before the first trial: a trial killed before it records its own worker token is
+    # still known to come from one of the study's workers (see `recover`)
+    study.set_user_attr(f"{WORKER_PREFIX}{process_token()}", True)
     study.optimize(lambda trial: objective(trial, defn, home, mlflow_cb), n_trials=n_trials,
                    callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
 

@@ -262,3 +262,28 @@ def test_table5_study_writes_table5(tmp_path, tiny):
     md = paths[0].read_text()
     assert "bench study table5 (test)" in md and "PIM P3d P4d" in md and "paper 23.24" in md
     assert md.count("(1)") >= 2 * 4  # AP, APs, APm, APl of both rows, one seed each
+
+
+def test_trial_killed_before_its_first_line_is_recovered_once_its_workers_are_gone(tmp_path, tiny):
+    """A worker killed between Optuna creating the trial and the objective recording the worker's
+    token leaves a RUNNING trial with no token: failed and queued again only when every worker
+    that ever ran this study is gone."""
+    import socket
+
+    from studies.objective import process_token
+    from studies.run import WORKER_PREFIX
+
+    defn = _curve(tiny, grid=(0.5, 0.8))
+    study = open_study(defn, tmp_path)
+    study.ask()  # a RUNNING trial without a worker token
+    study.set_user_attr(f"{WORKER_PREFIX}{process_token()}", True)  # a live worker: cannot tell yet
+    recover(study, defn, MLflowStudyCallback(tmp_path, enabled=False))
+    assert len(study.get_trials(states=(TrialState.RUNNING,))) == 1
+
+    study = open_study(_curve(tiny, grid=(0.5, 0.8)), tmp_path / "other")
+    study.ask()
+    dead = f"{socket.gethostname()}:{2 ** 22 + 99991}:1"  # a pid above Linux's pid_max: never alive
+    study.set_user_attr(f"{WORKER_PREFIX}{dead}", True)
+    notes = recover(study, defn, MLflowStudyCallback(tmp_path / "other", enabled=False))
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1 and "queued again" in notes[0]
