@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli_common import HOME_OPT, invocation, resolve_home
 from bench.errors import BenchError
 from bench.study_cli import figure as figure_cmd
 from bench.study_cli import study_app
@@ -33,13 +34,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _home(home: Optional[Path]) -> Path:
-    from bench.paths import bench_home
-
-    return home.resolve() if home else bench_home()
-
-
-HOME_OPT = typer.Option(None, "--home", help="Working store (default: $BENCH_HOME or ./.bench).")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -70,7 +64,7 @@ def train(
     if lsm:
         overrides.append("lsm.enabled=true")
     cfg = load_config(preset, overrides, method=method, seed=seed, device=device)
-    result = run_cell(cfg, _home(home), track=track)
+    result = run_cell(cfg, resolve_home(home), track=track)
     _print_result(result)
 
 
@@ -107,7 +101,7 @@ def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
          preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
          home: Optional[Path] = HOME_OPT):
     """List a table's cells with their cache status and the work left; runs nothing."""
-    home = _home(home)
+    home = resolve_home(home)
     spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     from bench.plan import estimate_seconds, seconds_per_iteration
 
@@ -147,12 +141,10 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
         out: Path = typer.Option(Path("results"), help="Where the tables are written."),
         home: Optional[Path] = HOME_OPT):
     """Run every cell of a table that is not done yet (cached cells cost nothing), then report."""
-    import shlex
-
     from bench import tracking
     from bench.executors.local import LocalExecutor
 
-    home = _home(home)
+    home = resolve_home(home)
     spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     nothing_to_run = all(c.status(home) == "done" for c in cells)
     if devices is None:
@@ -166,7 +158,7 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
     if slots_per_device is None:
         slots_per_device = 1 if devices.startswith("cuda") else max(1, min(os.cpu_count() or 1, 4))
     executor = LocalExecutor(devices.split(","), slots_per_device, track=track, prestart=not nothing_to_run)
-    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     serve = track and not os.environ.get("MLFLOW_TRACKING_URI") and executor.slots > tracking.SQLITE_MAX_WORKERS
     with tracking.LocalServer(home) if serve else contextlib.nullcontext() as server:
         if server is not None:
@@ -212,13 +204,11 @@ def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_H
                out: Path = typer.Option(Path("results"), help="Where the tables are written."),
                home: Optional[Path] = HOME_OPT):
     """Build the table (md, csv, tex, html) from whatever cells are done; runs nothing."""
-    import shlex
-
     from bench.runner import report
 
-    home = _home(home)
+    home = resolve_home(home)
     spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
-    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     paths = report(spec, cells, home, out, preset, command, err=err, notes=notes)
     console.print(paths[0].read_text(), markup=False, highlight=False)
 
@@ -230,7 +220,7 @@ def status(home: Optional[Path] = HOME_OPT):
 
     from bench.plan import run_status
 
-    home = _home(home)
+    home = resolve_home(home)
     t = Table(title=f"runs in {home / 'runs'}")
     for col in ("key", "method", "lsm", "preset", "ratio", "seed", "status", "AP (reported)"):
         t.add_column(col)
@@ -259,7 +249,7 @@ def clean(failed: bool = typer.Option(False, "--failed", help="Remove failed cel
     """Remove failed run directories, or all of them."""
     import shutil
 
-    home = _home(home)
+    home = resolve_home(home)
     if not (failed or all_):
         raise BenchError("say what to remove: --failed or --all")
     removed = 0
@@ -287,7 +277,7 @@ def eval_cmd(
 
     rdir = Path(run)
     if not rdir.is_dir():
-        matches = sorted((_home(home) / "runs").glob(f"*/{run}*"))
+        matches = sorted((resolve_home(home) / "runs").glob(f"*/{run}*"))
         if len(matches) != 1:
             raise BenchError(f"run '{run}' matches {len(matches)} run directories; give a longer key or a path")
         rdir = matches[0]
@@ -296,7 +286,7 @@ def eval_cmd(
         raise BenchError(f"{weights} does not exist; the run has not finished (rerun `bench train` to resume it)")
     cfg = RunConfig.model_validate(yaml.safe_load((rdir / "config.yaml").read_text()))
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
-    data = prepare_data(cfg.data, _home(home))
+    data = prepare_data(cfg.data, resolve_home(home))
     device = resolve_device(cfg.device)
     adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
     state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -340,7 +330,7 @@ def data_split(
     if dataset == "voc":
         raise BenchError("VOC's split is fixed (07 trainval labeled, 12 trainval unlabeled); nothing to generate")
     cfg = DataConfig(dataset=dataset, ratio=ratio, fold=fold, root=str(root) if root else None)
-    data = prepare_data(cfg, _home(home))
+    data = prepare_data(cfg, resolve_home(home))
     manifest = data.manifest
     if import_ubteacher or import_stac:
         pool = data.train_pool()

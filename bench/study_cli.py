@@ -7,8 +7,6 @@ missing cells with --train); `ui` serves MLflow and optuna-dashboard on 127.0.0.
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,13 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cli_common import HOME_OPT, invocation, resolve_home
 from bench.errors import BenchError
 
 study_app = typer.Typer(help="Optuna studies: Figure 5 thresholds, Table 5 PIM levels, joint tuning.",
                         no_args_is_help=True)
 console = Console()
 
-HOME_OPT = typer.Option(None, "--home", help="Working store (default: $BENCH_HOME or ./.bench).")
 STORAGE_OPT = typer.Option(None, "--storage", help="Optuna storage: a journal file (default "
                            "BENCH_HOME/optuna/journal.log) or an RDB URL (postgresql+psycopg://...).")
 WORKERS_OPT = typer.Option(1, "--workers", help="Trial processes at once on this machine.")
@@ -30,16 +28,6 @@ TRACK_OPT = typer.Option(True, help="Log the study, its trials and cells to MLfl
 OUT_OPT = typer.Option(Path("results"), help="Where figures and tables are written.")
 NAME_OPT = typer.Option(None, "--name", help="Study name (default: from the command and preset).")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _home(home: Optional[Path]) -> Path:
-    from bench.paths import bench_home
-
-    return home.resolve() if home else bench_home()
-
-
-def _command() -> str:
-    return "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
@@ -75,11 +63,11 @@ def figure5(ctx: typer.Context,
     from studies.definitions import figure5_defs
     from studies.run import run_study
 
-    home = _home(home)
+    home = resolve_home(home)
     defs, notes = figure5_defs(preset, list(ctx.args), seeds, _floats(grid, "--grid"), name)
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
-    command = _command()
+    command = invocation()
     done = []
     for d in defs:
         study = run_study(d, home, storage, workers, track, command, log=console.print)
@@ -125,9 +113,9 @@ def table5(ctx: typer.Context,
     from studies.definitions import table5_def
     from studies.run import run_study
 
-    home = _home(home)
+    home = resolve_home(home)
     d = table5_def(preset, list(ctx.args), seeds, rows.split(",") if rows else None, name)
-    command = _command()
+    command = invocation()
     study = run_study(d, home, storage, workers, track, command, log=console.print)
     console.print(_summary(study, d))
     paths = write_table5(study, d, preset, out, command)
@@ -168,9 +156,9 @@ def tune(ctx: typer.Context,
     from studies.definitions import tune_def
     from studies.run import run_study
 
-    home = _home(home)
+    home = resolve_home(home)
     d = tune_def(preset, list(ctx.args), method, lsm, trials, seed, sampler_seed, name)
-    study = run_study(d, home, storage, workers, track, _command(), log=console.print)
+    study = run_study(d, home, storage, workers, track, invocation(), log=console.print)
     console.print(_summary(study, d))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,9 +190,9 @@ def figure(ctx: typer.Context,
 
     Extra arguments are config overrides; fig4 needs periodic evaluations (solver.eval_period=N).
     """
-    home = _home(home)
+    home = resolve_home(home)
     overrides = list(ctx.args)
-    command = _command()
+    command = invocation()
     if name not in FIGURES:
         raise BenchError(f"unknown figure '{name}'; figures: {', '.join(FIGURES)}")
     if name == "figure5":
@@ -310,7 +298,7 @@ def ui(port: int = typer.Option(5000, "--port", help="MLflow UI port on 127.0.0.
 
     from studies import ui as ui_mod
 
-    home = _home(home)
+    home = resolve_home(home)
     if dashboard and not ui_mod.dashboard_available():
         console.print("[yellow]optuna-dashboard is not installed (pip install 'lsm-bench[dashboard]'); "
                       "starting MLflow only[/yellow]")

@@ -27,6 +27,7 @@ from bench.data.types import ImageRecord
 from bench.paths import run_dir
 from bench.worker import batch_stream, run_cell, seed_everything
 from tests.adapters.test_faster_rcnn import tiny_cfg
+from tests.adapters.test_ubteacher import _first_batch
 from tests.conftest import TINY
 from tests.test_worker import StopAfter
 
@@ -203,10 +204,6 @@ def _adapter(cfg, data, t=0.06, **lsm):
     adapter.teacher.roi_heads.score_thresh = 0.0
     adapter.st = LOW
     return cfg, adapter
-
-
-def _first_batch(cfg, adapter, data):
-    return next(batch_stream(cfg, adapter, data, cfg.semi.burn_in))
 
 
 def test_burn_in_is_supervised_and_loads_no_unlabeled_images(setting):
