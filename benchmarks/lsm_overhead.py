@@ -39,19 +39,23 @@ def build(preset: str, lsm: bool, device: str, home: Path, overrides: list[str])
     # a teacher that finds something: lower its score threshold so that pseudo-labels exist
     adapter.teacher.roi_heads.score_thresh = 0.0
     batch = next(batch_stream(cfg, adapter, data, cfg.semi.burn_in))
-    return adapter, batch
+    return cfg, adapter, batch
 
 
 def run_variant(args, lsm: bool) -> dict:
     device = torch.device(args.device)
-    adapter, batch = build(args.preset, lsm, args.device, Path(args.home), args.overrides)
+    cfg, adapter, batch = build(args.preset, lsm, args.device, Path(args.home), args.overrides)
     opt = torch.optim.SGD(adapter.student.parameters(), lr=1e-5)
+    amp = cfg.solver.amp and device.type == "cuda"  # as the Trainer: fp16 autocast + loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def step():
-        out = adapter.training_step(1, batch)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            out = adapter.training_step(1, batch)
         opt.zero_grad()
-        sum(out.losses.values()).backward()
-        opt.step()
+        scaler.scale(sum(out.losses.values())).backward()
+        scaler.step(opt)
+        scaler.update()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -59,6 +63,14 @@ def run_variant(args, lsm: bool) -> dict:
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = time_it(step, device, warmup=2, repeats=args.iters)
+    if args.profile:  # where the time goes: the top ops of 3 more steps, to stderr
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+        for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else []):
+            print(f"--- {'UBT+LSM' if lsm else 'UBT'}, sorted by {key}", file=sys.stderr)
+            print(prof.key_averages().table(sort_by=key, row_limit=20), file=sys.stderr)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -72,7 +84,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--home", default=None)
-    ap.add_argument("--variant", choices=["ubt", "lsm"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=["ubt", "lsm"], help="run one variant in this process and print JSON")
+    ap.add_argument("--profile", action="store_true", help="with --variant: print the top ops of 3 profiled steps")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args()
     args.home = args.home or tempfile.mkdtemp(prefix="bench-lsm-")

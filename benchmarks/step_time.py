@@ -49,16 +49,20 @@ def main() -> None:
     model = adapter.student
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    amp = cfg.solver.amp and device.type == "cuda"  # as the Trainer: fp16 autocast + loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def bare_step():
-        losses = model(images, targets)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            losses = model(images, targets)
         opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(opt)
+        scaler.update()
 
     optimizer = build_optimizer(model.parameters(), cfg.solver)
     trainer = Trainer(adapter, optimizer, build_scheduler(optimizer, cfg.solver), itertools.repeat(batch), 0,
-                      cfg.solver.max_iter, device, amp=False)
+                      cfg.solver.max_iter, device, amp=cfg.solver.amp)
     trainer.register_hooks([MetricsWriter(home / "metrics.jsonl", Tracker(home, enabled=False), period=1)])
     for h in trainer.hooks:
         h.before_train()
@@ -75,7 +79,8 @@ def main() -> None:
     for _ in range(3):  # interleave to share any drift in machine load
         bare += time_it(bare_step, device, warmup=2, repeats=args.iters // 3 + 1)
         engine += time_it(engine_step, device, warmup=2, repeats=args.iters // 3 + 1)
-    print(f"preset {args.preset}, device {device}, batch {len(images)} images of ~{tuple(images[0].shape[-2:])}")
+    print(f"preset {args.preset}, device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+          f"amp {amp}, batch {len(images)} images of ~{tuple(images[0].shape[-2:])}")
     print(f"bare forward/backward/step: {summary(bare)}")
     print(f"engine step (adapter + hooks): {summary(engine)}")
     print(f"ratio engine / bare: {statistics.median(engine) / statistics.median(bare):.3f}")
