@@ -105,6 +105,11 @@ def estimate_seconds(cell: Cell, speeds: dict[tuple, float]) -> float | None:
     return speed * cell.work
 
 
+def too_few_labels(data) -> bool:
+    """A labeled split too small to compare methods on (fewer than MIN_LABELED_PER_CLASS per class)."""
+    return len(data.labeled.records) < MIN_LABELED_PER_CLASS * data.num_classes
+
+
 def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | None = None,
                overrides: list[str] | None = None) -> tuple[list[Cell], list[str]]:
     """(burn-in cells + cells of the implemented rows, notes on what was skipped and why)."""
@@ -131,7 +136,7 @@ def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | 
                 data_cache[data_key] = prepare_data(cfg.data, home)
             data = data_cache[data_key]
             n_labeled, n_classes = len(data.labeled.records), data.num_classes
-            if not ratios and n_labeled < MIN_LABELED_PER_CLASS * n_classes:
+            if not ratios and too_few_labels(data):
                 if col.id not in skipped_columns:
                     fix = f"run it anyway with --ratios {ratio:g}" if ratio is not None else "use a larger data set"
                     notes.append(f"column {col.id}: {n_labeled} labeled images for {n_classes} classes on preset "

@@ -27,6 +27,8 @@ WORKERS_OPT = typer.Option(1, "--workers", help="Trial processes at once on this
 TRACK_OPT = typer.Option(True, help="Log the study, its trials and cells to MLflow.")
 OUT_OPT = typer.Option(Path("results"), help="Where figures and tables are written.")
 NAME_OPT = typer.Option(None, "--name", help="Study name (default: from the command and preset).")
+RATIO_OPT = typer.Option(None, "--ratio", help="Labeled % (default: the paper's 1%, or on a preset where 1% "
+                         "gives fewer than 2 labeled images per class, the smallest of 2, 5, 10, ... that does).")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -53,6 +55,7 @@ def figure5(ctx: typer.Context,
             seeds: int = typer.Option(3, help="Seeds per grid point (seed i trains on split fold i)."),
             preset: str = typer.Option("demo", help="Preset."),
             grid: Optional[str] = typer.Option(None, help="Thresholds, e.g. 0.3,0.5,0.7 (default 0.3 ... 0.9)."),
+            ratio: Optional[float] = RATIO_OPT,
             workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
             track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
     """Figure 5: AP against t (UBteacher) and alpha (UBteacher + LSM), a grid study per curve.
@@ -60,12 +63,13 @@ def figure5(ctx: typer.Context,
     Extra arguments are config overrides (e.g. solver.max_iter=500). Writes OUT/figure5.png and
     OUT/figure5_data.csv.
     """
-    from studies.definitions import figure5_defs
+    from studies.definitions import figure5_defs, study_ratio
     from studies.run import run_study
 
     home = resolve_home(home)
-    defs, notes = figure5_defs(preset, list(ctx.args), seeds, _floats(grid, "--grid"), name)
-    for n in notes:
+    ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
+    defs, grid_notes = figure5_defs(preset, list(ctx.args), seeds, _floats(grid, "--grid"), name, ratio)
+    for n in notes + grid_notes:
         console.print(f"[dim]{n}[/dim]")
     command = invocation()
     done = []
@@ -87,7 +91,8 @@ def write_figure5(studies, preset: str, out: Path, command: str) -> tuple[Path, 
     if preset == "coco":  # the paper's only number; other presets are on another scale
         value = paper_value("figure5", "coco_standard_1", "ubteacher", True, "alpha=0.5", "AP")
         paper = (0.5, value[0]) if value else None
-    fig = plot_threshold_curves(points, paper, title=f"Filtering threshold, 1% labels, preset {preset} (Figure 5)")
+    ratio = studies[0][1].ratio or 1
+    fig = plot_threshold_curves(points, paper, title=f"Filtering threshold, {ratio:g}% labels, preset {preset} (Figure 5)")
     table = Table(title="AP by threshold (mean ± std over seeds)")
     for col in ("curve", "threshold", "AP", "seeds"):
         table.add_column(col)
@@ -104,17 +109,21 @@ def table5(ctx: typer.Context,
            seeds: int = typer.Option(3, help="Seeds per row (seed i trains on split fold i)."),
            preset: str = typer.Option("demo", help="Preset."),
            rows: Optional[str] = typer.Option(None, help="Only these Table 5 rows, e.g. baseline,pim_p3p4."),
+           ratio: Optional[float] = RATIO_OPT,
            workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
            track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
     """Table 5: baseline, naive large-area and the PIM level subsets as a categorical grid study.
 
     Writes OUT/table5.{md,csv,tex,html} through the same renderer as `bench report table5`.
     """
-    from studies.definitions import table5_def
+    from studies.definitions import study_ratio, table5_def
     from studies.run import run_study
 
     home = resolve_home(home)
-    d = table5_def(preset, list(ctx.args), seeds, rows.split(",") if rows else None, name)
+    ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
+    for n in notes:
+        console.print(f"[dim]{n}[/dim]")
+    d = table5_def(preset, list(ctx.args), seeds, rows.split(",") if rows else None, name, ratio)
     command = invocation()
     study = run_study(d, home, storage, workers, track, command, log=console.print)
     console.print(_summary(study, d))
@@ -131,6 +140,9 @@ def write_table5(study, defn, preset: str, out: Path, command: str) -> list[Path
     from studies.results import table5_results
 
     spec = load_spec("table5")
+    if defn.ratio is not None:  # the column says what the cells trained on, not the paper's 1%
+        column = spec.columns[0].model_copy(update={"label": f"{defn.ratio:g}%"})
+        spec = spec.model_copy(update={"columns": [column]})
     results, failed = table5_results(study, defn, list(spec.metrics))
     header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset, "study": defn.name,
               "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import optuna
 
@@ -35,6 +36,7 @@ TUNE_T_ALONE = (0.3, 0.95, False)
 TUNE_RANGES = {"t": (0.6, 0.95, False), "alpha": (0.3, 0.6, False),
                "pim_weight": (0.1, 2.0, True), "sd_weight": (0.05, 1.0, True)}
 PIM_LEVEL_CHOICES = ("p2,p3", "p2,p4", "p3,p4", "p2,p3,p4")
+STUDY_RATIOS = (1, 2, 5, 10, 20, 50, 100)  # the paper's ablations use 1%; larger ones for small presets
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class StudyDef:
     lsm: bool = False  # tune
     trials: int = 0  # tune: trials to settle (complete, pruned or failed)
     sampler_seed: int = 0
+    ratio: float | None = None  # figure5 / table5: labeled % instead of the spec's 1% (None: the spec's)
     extra: dict = field(default_factory=dict, compare=False)
 
     # -- identity ---------------------------------------------------------------------------------
@@ -111,11 +114,11 @@ class StudyDef:
             param = FIGURE5_CURVES[self.curve]
             value = trial.suggest_float(param, min(self.grid), max(self.grid))
             seed = trial.suggest_int("seed", 1, self.seeds)
-            return figure5_config(self.preset, list(self.overrides), self.curve, value, seed)
+            return figure5_config(self.preset, list(self.overrides), self.curve, value, seed, self.ratio)
         if self.kind == "table5":
             row = trial.suggest_categorical("row", list(self.rows))
             seed = trial.suggest_int("seed", 1, self.seeds)
-            return table5_config(self.preset, list(self.overrides), row, seed)
+            return table5_config(self.preset, list(self.overrides), row, seed, self.ratio)
         args = list(self.overrides)
         if self.lsm:
             args += ["lsm.enabled=true",
@@ -134,28 +137,56 @@ def _suggest(trial: optuna.Trial, name: str, rng: tuple[float, float, bool]) -> 
     return trial.suggest_float(name, low, high, log=log)
 
 
-def figure5_config(preset: str, overrides: list[str], curve: str, threshold: float, seed: int) -> RunConfig:
+def figure5_config(preset: str, overrides: list[str], curve: str, threshold: float, seed: int,
+                   ratio: float | None = None) -> RunConfig:
     """The figure5 spec's cell at any threshold (the spec's grid is 0.3-0.9; ours may differ)."""
     from bench.specs import load_spec
 
     spec = load_spec("figure5")
     column = spec.column(FIGURE5_PROBE_COLUMN).model_copy(update={"params": {"threshold": threshold}})
-    args = overrides + spec.cell_override_args(spec.row(curve), column) + [f"data.fold={seed}", f"seed={seed}"]
+    args = overrides + spec.cell_override_args(spec.row(curve), column) + _cell_args(seed, ratio)
     return load_config(preset, args)
 
 
-def table5_config(preset: str, overrides: list[str], row: str, seed: int) -> RunConfig:
+def table5_config(preset: str, overrides: list[str], row: str, seed: int, ratio: float | None = None) -> RunConfig:
     from bench.specs import load_spec
 
     spec = load_spec("table5")
     column = spec.columns[0]
-    args = overrides + spec.cell_override_args(spec.row(row), column) + [f"data.fold={seed}", f"seed={seed}"]
+    args = overrides + spec.cell_override_args(spec.row(row), column) + _cell_args(seed, ratio)
     return load_config(preset, args)
+
+
+def _cell_args(seed: int, ratio: float | None) -> list[str]:
+    return [f"data.fold={seed}", f"seed={seed}"] + ([f"data.ratio={ratio:g}"] if ratio is not None else [])
+
+
+def study_ratio(preset: str, overrides: list[str], home: Path, ratio: float | None) -> tuple[float | None, list[str]]:
+    """The labeled ratio of the ablation studies: the paper's 1% (None), `ratio` when given, else on a
+    preset whose 1% split has too few labels to compare anything (bench/plan.py's rule: the demo's
+    6 images for 10 classes) the smallest of STUDY_RATIOS that has enough, with a note saying so."""
+    from bench.data.sources import prepare_data
+    from bench.plan import MIN_LABELED_PER_CLASS, too_few_labels
+
+    if ratio is not None:
+        if not 0 < ratio <= 100:
+            raise BenchError(f"--ratio is a percentage of the training images in (0, 100], got {ratio:g}")
+        return ratio, []
+    first = None
+    for r in STUDY_RATIOS:
+        data = prepare_data(load_config(preset, list(overrides) + [f"data.ratio={r:g}"]).data, home)
+        first = first or (len(data.labeled.records), data.num_classes)
+        if not too_few_labels(data):
+            if r == STUDY_RATIOS[0]:
+                return None, []
+            return r, [f"1% labels is {first[0]} images for {first[1]} classes on preset {preset} (fewer than "
+                       f"{MIN_LABELED_PER_CLASS} per class): the study trains on {r:g}% instead; --ratio sets it"]
+    raise BenchError(f"preset {preset} has too few labeled images for a study even at 100%; use a larger data set")
 
 
 # -- constructors used by the CLI ------------------------------------------------------------------
 def figure5_defs(preset: str, overrides: list[str], seeds: int, grid: list[float] | None = None,
-                 name: str | None = None) -> tuple[list[StudyDef], list[str]]:
+                 name: str | None = None, ratio: float | None = None) -> tuple[list[StudyDef], list[str]]:
     """One grid study per curve; (definitions, notes on grid points left out)."""
     grid = sorted(set(grid or FIGURE5_GRID))
     if not grid or any(not 0 <= g <= 1 for g in grid):
@@ -166,7 +197,7 @@ def figure5_defs(preset: str, overrides: list[str], seeds: int, grid: list[float
     for curve in FIGURE5_CURVES:
         values = list(grid)
         if curve == "ubteacher_lsm":
-            t = figure5_config(preset, list(overrides), curve, min(grid), 1).semi.t
+            t = figure5_config(preset, list(overrides), curve, min(grid), 1, ratio).semi.t
             dropped = [g for g in values if g > t]
             values = [g for g in values if g <= t]
             if dropped:
@@ -174,14 +205,14 @@ def figure5_defs(preset: str, overrides: list[str], seeds: int, grid: list[float
             if not values:
                 continue
         else:  # fail early on a bad override rather than in the first trial
-            figure5_config(preset, list(overrides), curve, values[0], 1)
+            figure5_config(preset, list(overrides), curve, values[0], 1, ratio)
         defs.append(StudyDef("figure5", f"{base}-{curve}", preset, tuple(overrides), seeds, curve=curve,
-                             grid=tuple(values)))
+                             grid=tuple(values), ratio=ratio))
     return defs, notes
 
 
 def table5_def(preset: str, overrides: list[str], seeds: int, rows: list[str] | None = None,
-               name: str | None = None) -> StudyDef:
+               name: str | None = None, ratio: float | None = None) -> StudyDef:
     from bench.specs import load_spec
 
     spec = load_spec("table5")
@@ -189,8 +220,9 @@ def table5_def(preset: str, overrides: list[str], seeds: int, rows: list[str] | 
     for r in rows:
         spec.row(r)  # BenchError naming the known rows
     _check_seeds(seeds)
-    table5_config(preset, list(overrides), rows[0], 1)
-    return StudyDef("table5", name or f"table5-{preset}", preset, tuple(overrides), seeds, rows=tuple(rows))
+    table5_config(preset, list(overrides), rows[0], 1, ratio)
+    return StudyDef("table5", name or f"table5-{preset}", preset, tuple(overrides), seeds, rows=tuple(rows),
+                    ratio=ratio)
 
 
 def tune_def(preset: str, overrides: list[str], method: str, lsm: bool, trials: int, seed: int = 1,

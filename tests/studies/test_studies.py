@@ -49,6 +49,24 @@ def test_figure5_defs_share_cells_with_the_spec_and_drop_alpha_above_t(tiny):
     assert figure5_config("demo", tiny, "ubteacher", 0.8, 1).semi.t == 0.8
 
 
+def test_study_ratio_moves_to_the_smallest_split_with_two_labels_per_class(tmp_path):
+    from studies.definitions import figure5_config, study_ratio
+
+    small = ["data.synth.train_images=200", "data.synth.val_images=4", "data.synth.image_size=32"]
+    # 10 classes: 1% / 2% / 5% of 200 images are 2 / 4 / 10 labeled images, 10% is the first with 20
+    ratio, notes = study_ratio("demo", small, tmp_path, None)
+    assert ratio == 10
+    assert notes and "1% labels is 2 images for 10 classes" in notes[0] and "--ratio" in notes[0]
+    assert study_ratio("demo", small, tmp_path, 5.0) == (5.0, [])  # asked for by name: kept
+    with pytest.raises(BenchError, match="--ratio"):
+        study_ratio("demo", small, tmp_path, 0.0)
+    # the ratio wins over the spec's 1% column, and is part of the study's identity
+    assert figure5_config("demo", small, "ubteacher", 0.5, 1, ratio).data.ratio == 10
+    assert figure5_config("demo", small, "ubteacher", 0.5, 1).data.ratio == 1
+    defs, _ = figure5_defs("demo", small, 1, [0.5], ratio=10)
+    assert defs[0].identity() != figure5_defs("demo", small, 1, [0.5])[0][0].identity()
+
+
 STUDY_SCRIPT = """
 import sys
 from pathlib import Path
