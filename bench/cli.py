@@ -373,7 +373,9 @@ def main() -> None:
     import click
 
     try:
-        app(standalone_mode=False)
+        # Typer turns Ctrl-C into an exit code it returns (130) when not in standalone mode
+        if app(standalone_mode=False) == 130:
+            raise KeyboardInterrupt
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -36,7 +36,7 @@ TUNE_T_ALONE = (0.3, 0.95, False)
 TUNE_RANGES = {"t": (0.6, 0.95, False), "alpha": (0.3, 0.6, False),
                "pim_weight": (0.1, 2.0, True), "sd_weight": (0.05, 1.0, True)}
 PIM_LEVEL_CHOICES = ("p2,p3", "p2,p4", "p3,p4", "p2,p3,p4")
-STUDY_RATIOS = (1, 2, 5, 10, 20, 50, 100)  # the paper's ablations use 1%; larger ones for small presets
+STUDY_RATIOS = (1, 2, 5, 10, 20, 50)  # the paper's ablations use 1%; larger ones for small presets (<100: unlabeled left)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,8 @@ def study_ratio(preset: str, overrides: list[str], home: Path, ratio: float | No
                 return None, []
             return r, [f"1% labels is {first[0]} images for {first[1]} classes on preset {preset} (fewer than "
                        f"{MIN_LABELED_PER_CLASS} per class): the study trains on {r:g}% instead; --ratio sets it"]
-    raise BenchError(f"preset {preset} has too few labeled images for a study even at 100%; use a larger data set")
+    raise BenchError(f"preset {preset} has too few images for a study: {STUDY_RATIOS[-1]}% gives fewer than "
+                     f"{MIN_LABELED_PER_CLASS} labeled images per class; use a larger data set or pass --ratio")
 
 
 # -- constructors used by the CLI ------------------------------------------------------------------

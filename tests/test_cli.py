@@ -60,3 +60,19 @@ def test_plan_status_report_on_partial_results(tmp_path):
     assert "(n=1)" in md or "n=1" in md
     assert {p.suffix for p in (tmp_path / "results").iterdir()} >= {".md", ".csv", ".tex", ".html"}
     assert len(list((tmp_path / "runs").glob("*/*/result.json"))) == 1  # nothing was trained
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint(monkeypatch, capsys):
+    """Typer returns Ctrl-C as exit code 130 instead of raising; a shell script or the runner's
+    caller must still see the interruption (an exit code of 0 would read as a finished table)."""
+    import bench.cli as cli
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["bench", "config", "show"])
+    monkeypatch.setattr("bench.config.load_config", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err

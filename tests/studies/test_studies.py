@@ -60,6 +60,8 @@ def test_study_ratio_moves_to_the_smallest_split_with_two_labels_per_class(tmp_p
     assert study_ratio("demo", small, tmp_path, 5.0) == (5.0, [])  # asked for by name: kept
     with pytest.raises(BenchError, match="--ratio"):
         study_ratio("demo", small, tmp_path, 0.0)
+    with pytest.raises(BenchError, match="too few images for a study"):  # 50% of 24: 12 for 10 classes
+        study_ratio("demo", ["data.synth.train_images=24", "data.synth.image_size=32"], tmp_path, None)
     # the ratio wins over the spec's 1% column, and is part of the study's identity
     assert figure5_config("demo", small, "ubteacher", 0.5, 1, ratio).data.ratio == 10
     assert figure5_config("demo", small, "ubteacher", 0.5, 1).data.ratio == 1
