@@ -8,9 +8,14 @@ says which module that is, and what the planner may assume about the method.
 METHOD_MODULES = {
     "supervised": "adapters.supervised",
     "ubteacher": "adapters.ubteacher",
+    "softteacher": "adapters.softteacher",
+    "pseco": "adapters.pseco",
+    "stac": "adapters.stac",
 }
 # Methods of the paper's tables whose adapters come in later issues.
-PLANNED_METHODS = ("softteacher", "pseco", "stac", "ddetr")
+PLANNED_METHODS = ("ddetr",)
 # Methods whose first `semi.burn_in` iterations are supervised and independent of the
 # semi-supervised settings, so their cells share a burn-in cell (bench/burn_in.py).
-SHARES_BURN_IN = frozenset({"ubteacher"})
+SHARES_BURN_IN = frozenset({"ubteacher", "softteacher", "pseco"})
+# Methods whose teacher is the `supervised` cell of the same split and seed (STAC's stage 1).
+TEACHER_IS_SUPERVISED_CELL = frozenset({"stac"})

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
@@ -42,6 +41,7 @@ from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, regis
 from adapters.engine.ema import ema_update
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
 from adapters.models.faster_rcnn import FasterRCNN, TrainForward
+from bench.config import SoftTeacherConfig
 from bench.data.coco import load_image
 from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, View, relative_matrix,
                                    strong_photometric, transform_boxes)
@@ -51,30 +51,6 @@ from bench.errors import BenchError
 STUDENT_VIEW_SALT = 104_729
 # Uncovered pixels of the geometric ops are grey, as the original's (its img_fill_val).
 FILL = (125, 125, 125)
-
-
-class SoftTeacherConfig(BaseModel):
-    """Soft Teacher's own settings (names of the original config). The cls threshold is
-    `semi.t`, the unsupervised weight `semi.lambda_u`, the EMA keep rate `semi.ema_keep_rate`."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    initial_score_thr: float = Field(0.5, ge=0, le=1)  # pseudo_label_initial_score_thr
-    rpn_thr: float = Field(0.9, ge=0, le=1)  # rpn_pseudo_threshold
-    reg_unc_thr: float = Field(0.02, ge=0)  # reg_pseudo_threshold (relative std)
-    jitter_times: int = Field(10, ge=2)  # std needs two samples
-    jitter_scale: float = Field(0.06, ge=0)
-    ema_warm_up: int = Field(0, ge=0)  # MeanTeacher hook's warm_up
-    # student view: one geometric op drawn uniformly from these ranges (rand_aug.py)
-    geometric: bool = True  # False: the student view has resize + flip only
-    translate: float = Field(0.1, ge=0, lt=1)  # fraction of the image side
-    rotate: float = Field(30.0, ge=0, le=180)  # degrees
-    shear: float = Field(30.0, ge=0, lt=90)  # degrees, x then y
-
-
-def method_config(cfg) -> SoftTeacherConfig:
-    """`cfg.softteacher` once RunConfig has that section, the original's values until then."""
-    return getattr(cfg, "softteacher", None) or SoftTeacherConfig()
 
 
 # ----------------------------------------------------------------------------- the student view
@@ -246,7 +222,7 @@ class SoftTeacher(MeanTeacherAdapter):
             raise BenchError("lsm.naive_large_area (Table 5's UBT variant) is not defined for softteacher; "
                              "set lsm.naive_large_area=false")
         super().__init__(cfg, num_classes, device)
-        self.st = method_config(cfg)
+        self.st = cfg.softteacher
 
     def hooks(self) -> list:
         return [SoftTeacherEMAHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,

@@ -10,6 +10,7 @@ Per iteration (official `run_step_full_semisup`, ssod_methods.md 2.1):
 
 Eq. 3 of the LSM paper, read off `training_step`:
     L = L_sup + lambda_u * (L_unsup_main + pim_weight * L_pim + sd_weight * L_sd)
+With `mlc.enabled` (Table 4), lambda_u * mlc.weight * the same two terms on a 0.5x view (adapters/mlc.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from adapters import mlc
 from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
 
@@ -70,6 +72,8 @@ class UnbiasedTeacher(MeanTeacherAdapter):
         # Unbiased Teacher: pseudo-boxes supervise objectness and classification only.
         losses["loss_rpn_cls_unsup"] = semi.lambda_u * fwd_u.losses["loss_rpn_cls"]
         losses["loss_cls_unsup"] = semi.lambda_u * fwd_u.losses["loss_cls"]
+        losses.update(mlc.weighted_terms(self.student, images_us, pseudo_main, self.cfg.mlc, semi.lambda_u,
+                                         terms=("loss_rpn_cls", "loss_cls")))  # Table 4's UBT + MLC
 
         scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in batch["unlabeled"]]
         metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl")

@@ -16,7 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters import registry
-from bench.config import EvalConfig, LSMConfig, RunConfig, SemiConfig
+from bench.config import EvalConfig, LSMConfig, MLCConfig, PsecoConfig, RunConfig, SemiConfig, SoftTeacherConfig
+
+# PseCo settings that change its supervised training (the RoI classifier's loss); a burn-in keeps them.
+PSECO_SUPERVISED = ("sigmoid_focal", "focal_gamma", "focal_alpha", "cls_loss_weight")
 
 CHECKPOINT = "burn_in.pth"
 # Parameters a cell may add on top of the burn-in model (LSM's F_aux).
@@ -29,9 +32,11 @@ def burn_in_config(cfg: RunConfig) -> RunConfig | None:
         return None
     dump = cfg.model_dump()
     dump["solver"]["eval_period"] = 0  # evaluating changes no weights: burn-ins are shared across it too
+    pseco = PsecoConfig(**{k: dump["pseco"][k] for k in PSECO_SUPERVISED})
     return RunConfig.model_validate({
-        **dump, "stage": "burn_in", "lsm": LSMConfig().model_dump(),
+        **dump, "stage": "burn_in", "lsm": LSMConfig().model_dump(), "mlc": MLCConfig().model_dump(),
         "semi": SemiConfig(burn_in=cfg.semi.burn_in).model_dump(), "eval": EvalConfig().model_dump(),
+        "softteacher": SoftTeacherConfig().model_dump(), "pseco": pseco.model_dump(),
     })
 
 

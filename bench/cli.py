@@ -117,7 +117,7 @@ def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
             left += c.work
             seconds += est or 0.0
             unknown += est is None
-        iters = f"{c.iterations}" if c.depends_on is None else f"{c.config.semi.burn_in}+{c.iterations - c.config.semi.burn_in}"
+        iters = f"{c.iterations - c.work}+{c.work}" if c.work != c.iterations else f"{c.iterations}"
         t.add_row(c.row_id, c.column_id, str(c.seed), status, iters, "" if est is None else f"{est / 60:.1f}", c.key[:12])
     console.print(t)
     for n in notes:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bench.errors import BenchError
 
@@ -131,12 +138,74 @@ class LSMConfig(_Strict):
         return sorted(v)
 
 
+class SoftTeacherConfig(_Strict):
+    """Soft Teacher's own settings (names of the original config). The cls threshold is
+    `semi.t`, the unsupervised weight `semi.lambda_u`, the EMA keep rate `semi.ema_keep_rate`."""
+
+    initial_score_thr: float = Field(0.5, ge=0, le=1)  # pseudo_label_initial_score_thr
+    rpn_thr: float = Field(0.9, ge=0, le=1)  # rpn_pseudo_threshold
+    reg_unc_thr: float = Field(0.02, ge=0)  # reg_pseudo_threshold (relative std)
+    jitter_times: int = Field(10, ge=2)  # std needs two samples
+    jitter_scale: float = Field(0.06, ge=0)
+    ema_warm_up: int = Field(0, ge=0)  # MeanTeacher hook's warm_up
+    # student view: one geometric op drawn uniformly from these ranges (rand_aug.py)
+    geometric: bool = True  # False: the student view has resize + flip only
+    translate: float = Field(0.1, ge=0, lt=1)  # fraction of the image side
+    rotate: float = Field(30.0, ge=0, le=180)  # degrees
+    shear: float = Field(30.0, ge=0, lt=90)  # degrees, x then y
+
+
+class StacConfig(_Strict):
+    """STAC's own settings (the original's names in comments). `semi.*` is not used by STAC."""
+
+    tau: float = Field(0.9, ge=0, le=1)  # TRAIN.CONFIDENCE: pseudo-box score threshold (>=)
+    keep_top_box: bool = True  # score >= min(tau, image's top score): every image keeps its top box
+    lambda_u: float = Field(2.0, ge=0)  # TRAIN.WU: weight of the unlabeled losses
+    average_forwards: bool = True  # the original divides each forward's losses by 2 (two forwards)
+
+
+class PsecoConfig(_Strict):
+    """PseCo's own settings (names of the original's train_cfg). The cls threshold is `semi.t`,
+    `unsup_weight` is `semi.lambda_u`, the EMA keep rate `semi.ema_keep_rate`, the start of the
+    unsupervised losses (`unsup_start_iter`) `semi.burn_in`."""
+
+    initial_score_thr: float = Field(0.3, ge=0, le=1)  # pseudo_label_initial_score_thr
+    rpn_thr: float = Field(0.5, ge=0, le=1)  # rpn_pseudo_threshold
+    pla_iou_thr: float = Field(0.4, ge=0, le=1)  # PLA_iou_thres
+    pla_candidate_topk: int = Field(12, ge=1)  # PLA_candidate_topk
+    msl: bool = True  # use_MSL: the feature-level view 2 (shifted pyramid)
+    unsup_warmup: int = Field(2000, ge=0)  # unsup_warmup_iter: linear ramp 0 -> 1 after burn-in
+    ema_warm_up: int = Field(0, ge=0)  # MeanTeacher hook's warm_up
+    # RoI classifier of the main config: sigmoid focal loss; false = `model.cls_loss` (the CE config)
+    sigmoid_focal: bool = True
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    cls_loss_weight: float = Field(10.0, ge=0)
+    # student view (Soft Teacher's): one geometric op drawn uniformly from these ranges
+    geometric: bool = True
+    translate: float = Field(0.1, ge=0, lt=1)
+    rotate: float = Field(30.0, ge=0, le=180)
+    shear: float = Field(30.0, ge=0, lt=90)
+
+
+class MLCConfig(_Strict):
+    """The `mlc` config section. Off by default: it adds one student forward per iteration."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0)  # times the host's lambda_u, like the host's own unsup terms
+    scale: float = Field(0.5, gt=0, lt=1)  # PseCo's view 2 is 0.5x
+    mode: Literal["nearest", "bilinear"] = "nearest"  # PseCo's resize_image interpolates nearest
+
+
 class EvalConfig(_Strict):
     backend: Literal["faster", "pycocotools"] = "faster"
     evaluate_student: bool = True  # mean-teacher methods: also evaluate the student
     # COCO's small/medium/large bounds (32, 96 px sides, defined on ~640 px images) times this
     # factor; presets with small images scale them so that "large" still means large.
     area_scale: float = Field(1.0, gt=0)
+
+
+METHOD_SECTIONS = ("softteacher", "stac", "pseco")
 
 
 class RunConfig(_Strict):
@@ -152,6 +221,11 @@ class RunConfig(_Strict):
     solver: SolverConfig = SolverConfig()
     semi: SemiConfig = SemiConfig()
     lsm: LSMConfig = LSMConfig()
+    mlc: MLCConfig = MLCConfig()
+    # method sections: part of a cell's key only for their own method (key_dict)
+    softteacher: SoftTeacherConfig = SoftTeacherConfig()
+    stac: StacConfig = StacConfig()
+    pseco: PsecoConfig = PsecoConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
@@ -166,6 +240,11 @@ class RunConfig(_Strict):
         d.pop("device")
         d["solver"].pop("log_period")
         d["data"].pop("num_workers")
+        for method in METHOD_SECTIONS:  # other methods' settings do not change this cell
+            if method != self.method:
+                d.pop(method)
+        if not self.mlc.enabled:
+            d.pop("mlc")
         return d
 
     def key(self) -> str:

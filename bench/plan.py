@@ -12,11 +12,13 @@ import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters import registry
 from bench.burn_in import burn_in_config
 from bench.config import RunConfig, load_config
 from bench.data.sources import prepare_data
 from bench.paths import run_dir
 from bench.keys import cell_key
+from bench.teacher import teacher_config
 
 # Columns that change the data setting cannot run on the synthetic demo data.
 _SETTING_KEYS = ("data.setting", "data.dataset", "data.unlabeled")
@@ -32,9 +34,10 @@ class Cell:
     seed: int
     config: RunConfig
     key: str
-    depends_on: str | None = None  # key of the burn-in cell this one starts from
+    depends_on: str | None = None  # key of the cell this one starts from: its burn-in or its teacher
 
     BURN_IN_ROW = "burn-in"
+    TEACHER_ROW = "teacher"
 
     @property
     def is_burn_in(self) -> bool:
@@ -46,9 +49,13 @@ class Cell:
         return self.config.semi.burn_in if self.is_burn_in else self.config.solver.max_iter
 
     @property
+    def starts_after_burn_in(self) -> bool:
+        return self.depends_on is not None and self.config.method in registry.SHARES_BURN_IN
+
+    @property
     def work(self) -> int:
         """Iterations this cell trains itself (a cell with a shared burn-in starts after it)."""
-        return self.iterations - (self.config.semi.burn_in if self.depends_on else 0)
+        return self.iterations - (self.config.semi.burn_in if self.starts_after_burn_in else 0)
 
     def directory(self, home: Path) -> Path:
         return run_dir(home, self.key)
@@ -114,7 +121,7 @@ def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | 
                overrides: list[str] | None = None) -> tuple[list[Cell], list[str]]:
     """(burn-in cells + cells of the implemented rows, notes on what was skipped and why)."""
     base = load_config(preset, overrides or [])
-    notes, cells, data_cache, burn_ins = [], [], {}, {}
+    notes, cells, data_cache, starts = [], [], {}, {}
     for row in spec.rows:
         if spec.row_status(row) != "implemented":
             notes.append(f"row {row.id}: method {row.method} not implemented, paper values only")
@@ -146,8 +153,14 @@ def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | 
             cell = Cell(row.id, col.id, seed, cfg, cell_key(cfg, data))
             if (bcfg := burn_in_config(cfg)) is not None:
                 cell.depends_on = cell_key(bcfg, data)
-                burn_ins.setdefault(cell.depends_on, Cell(Cell.BURN_IN_ROW, col.id, seed, bcfg, cell.depends_on))
+                starts.setdefault(cell.depends_on, Cell(Cell.BURN_IN_ROW, col.id, seed, bcfg, cell.depends_on))
+            elif (tcfg := teacher_config(cfg)) is not None:
+                cell.depends_on = cell_key(tcfg, data)
+                starts.setdefault(cell.depends_on, Cell(Cell.TEACHER_ROW, col.id, seed, tcfg, cell.depends_on))
             cells.append(cell)
-    # a burn-in is needed while one of its cells is not done
+    # a burn-in or teacher is needed while one of its cells is not done; one that is a cell of the
+    # table already (STAC's teacher = the Supervised row's cell) is not planned twice
+    planned = {c.key for c in cells}
     needed = {c.depends_on for c in cells if c.depends_on and c.status(home) != "done"}
-    return [b for k, b in burn_ins.items() if k in needed or b.status(home) == "done"] + cells, notes
+    return [b for k, b in starts.items()
+            if k not in planned and (k in needed or b.status(home) == "done")] + cells, notes

@@ -61,9 +61,10 @@ def _record_failure(cell: Cell, home: Path, error: str, traceback: str = "") -> 
         failed.write_text(json.dumps({"error": error, "traceback": traceback}))
 
 
-def _priority(cell: Cell) -> int:
-    """Burn-ins first (they unlock other cells), then their long semi-supervised cells, then the rest."""
-    return 0 if cell.is_burn_in else 1 if cell.depends_on else 2
+def _priority(cell: Cell, starts: set[str]) -> int:
+    """Cells others start from first (burn-ins, STAC's teachers), then the cells that wait for
+    them (the long semi-supervised ones), then the rest."""
+    return 0 if cell.key in starts else 1 if cell.depends_on else 2
 
 
 def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail_fast: bool = False,
@@ -73,7 +74,8 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
     A cell that depends on a burn-in waits for it; if the burn-in fails for good, so does the cell.
     """
     console = console or Console()
-    todo = sorted((c for c in cells if c.status(home) != "done"), key=_priority)
+    starts = {c.depends_on for c in cells if c.depends_on}
+    todo = sorted((c for c in cells if c.status(home) != "done"), key=lambda c: _priority(c, starts))
     for c in todo:  # a rerun retries failed cells
         (c.directory(home) / "failed.json").unlink(missing_ok=True)
     queue = [(c, 1) for c in todo]
@@ -91,12 +93,12 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
         with Live(console=console, refresh_per_second=1, transient=False) as live:
             while queue or executor.jobs:
                 for cell, _ in [q for q in queue if q[0].depends_on in failed_keys]:
-                    _record_failure(cell, home, f"its burn-in cell {cell.depends_on[:12]} failed")
+                    _record_failure(cell, home, f"the cell it starts from ({cell.depends_on[:12]}) failed")
                     failed.append(cell)
                     failed_keys.add(cell.key)
                 queue = [q for q in queue if q[0].key not in failed_keys]
                 if queue and not executor.jobs and not any(ready(c) for c, _ in queue):  # a bug, not user input
-                    raise RuntimeError(f"{len(queue)} cells wait for burn-in cells that are not scheduled")
+                    raise RuntimeError(f"{len(queue)} cells wait for burn-in or teacher cells that are not scheduled")
                 while executor.free_slot() is not None and not (fail_fast and failed):
                     pick = next((q for q in queue if ready(q[0])), None)
                     if pick is None:

@@ -34,6 +34,8 @@ from bench.evaluate import evaluate_coco, evaluate_voc
 from bench.errors import BenchError
 from bench.keys import cell_key
 from bench.paths import run_dir
+from bench.teacher import attach_pseudo_labels, teacher_config
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -170,6 +172,9 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         if (bdir / "result.json").exists():
             trainer.start_iter = burn_in.load(bdir / burn_in.CHECKPOINT, trainer)
             burn_in_from = bdir.name
+    if teacher_config(cfg) is not None:  # STAC: pseudo-labels from its supervised teacher cell
+        attach_pseudo_labels(adapter, cfg, home, data, device, track=track, progress=progress,
+                             parent_run_id=parent_run_id)
     trainer.iter = trainer.start_iter
     trainer.data = batch_stream(cfg, adapter, data, trainer.start_iter)
 

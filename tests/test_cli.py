@@ -12,7 +12,7 @@ def bench(*args, home):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--method", "ubteachr"], "unknown method 'ubteachr'; known methods: supervised, ubteacher"),
+    (["train", "--method", "ubteachr"], "unknown method 'ubteachr'; known methods: supervised, ubteacher, softteacher, pseco, stac"),
     (["train", "solver.lr=0.1"], "unknown config key 'solver.lr'"),
     (["train", "--preset", "nope"], "unknown preset 'nope'"),
     (["train", "--preset", "coco"], "data.root is required for data.dataset=coco"),

@@ -81,7 +81,7 @@ def test_a_failed_burn_in_fails_its_cells_with_the_reason(tmp_path, tiny):
     assert "loss became" in json.loads((burn.directory(tmp_path) / "failed.json").read_text())["error"]
     for c in cells[1:]:
         error = json.loads((c.directory(tmp_path) / "failed.json").read_text())["error"]
-        assert error == f"its burn-in cell {burn.key[:12]} failed"
+        assert error == f"the cell it starts from ({burn.key[:12]}) failed"
 
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])

@@ -20,7 +20,7 @@ from adapters.engine.checkpoint import rng_state, set_rng_state
 from adapters.engine.trainer import StopTraining
 from adapters.models.faster_rcnn import build_faster_rcnn
 from bench.burn_in import burn_in_config
-from bench.config import load_config
+from bench.config import SoftTeacherConfig, load_config
 from bench.data.sources import prepare_data
 from bench.data.transforms import relative_matrix, transform_boxes
 from bench.data.types import ImageRecord
@@ -34,7 +34,7 @@ from tests.test_worker import StopAfter
 st = importlib.import_module("adapters.softteacher")
 
 # Thresholds an untrained tiny teacher (scores ~1/11) passes, so that every loss term is exercised.
-LOW = st.SoftTeacherConfig(initial_score_thr=0.05, rpn_thr=0.05, reg_unc_thr=1.0)
+LOW = SoftTeacherConfig(initial_score_thr=0.05, rpn_thr=0.05, reg_unc_thr=1.0)
 # canonical_scale 8 puts the tiny images' RoIs on P3+, where PIM has a shifted source.
 TINY_ST = TINY + ["model.canonical_scale=8"]
 
@@ -128,7 +128,7 @@ def test_student_view_pixels_follow_its_recorded_matrix(tmp_path):
     record = ImageRecord(id=1, file=tmp_path / "img.png", width=64, height=48, boxes=[[20, 10, 36, 26]],
                          labels=[3], iscrowd=[False], ann_ids=[1])
     aug = SimpleNamespace(short_sizes=[96], max_size=200, flip_prob=0.5)
-    cfg = st.SoftTeacherConfig()
+    cfg = SoftTeacherConfig()
     ops = set()
     for seed in range(10):
         view = st.student_view(record, aug, cfg, np.random.default_rng(seed), photometric=False)
@@ -275,8 +275,8 @@ def test_background_weights_come_from_the_teacher_on_the_mapped_rois(setting):
 
 # ----------------------------------------------------------------------------- end to end
 def _e2e_config(monkeypatch):
-    monkeypatch.setattr(st, "method_config", lambda cfg: LOW)
-    return load_config("demo", TINY_ST + ["solver.max_iter=5", "solver.checkpoint_period=2", "semi.t=0.06",
+    low = [f"softteacher.{k}={v}" for k, v in LOW.model_dump().items() if v != SoftTeacherConfig().model_dump()[k]]
+    return load_config("demo", TINY_ST + low + ["solver.max_iter=5", "solver.checkpoint_period=2", "semi.t=0.06",
                                           "lsm.enabled=true", "lsm.alpha=0.05"], method="softteacher")
 
 

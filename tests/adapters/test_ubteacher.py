@@ -82,7 +82,7 @@ def test_burn_in_beyond_training_is_refused(setting):
 
 
 def test_unknown_and_planned_methods_are_named():
-    with pytest.raises(BenchError, match="known methods: supervised, ubteacher"):
+    with pytest.raises(BenchError, match="known methods: supervised, ubteacher, softteacher, pseco, stac"):
         get_adapter("ubteacherr")
     with pytest.raises(BenchError, match="not implemented yet"):
-        get_adapter("pseco")
+        get_adapter("ddetr")

@@ -1,0 +1,86 @@
+"""STAC's teacher is the supervised cell of its split: planned once, trained first, its pseudo-label
+file a cached artifact in that cell's folder; MLC and method sections and the cell key."""
+
+import json
+
+import pytest
+
+from bench.burn_in import burn_in_config
+from bench.config import load_config
+from bench.data.sources import prepare_data
+from bench.keys import cell_key
+from bench.paths import run_dir
+from bench.plan import build_plan
+from bench.specs import load_spec_file
+from bench.teacher import teacher_config
+
+SPEC = """
+name: stac_mini
+title: STAC against its teacher
+paper_table: table1
+metrics: [AP]
+columns:
+  - {id: r25, setting: coco_standard_5, label: "25%", overrides: {data.ratio: 25}}
+rows:
+  - {id: supervised, label: Supervised, method: supervised, lsm: false}
+  - {id: stac, label: STAC, method: stac, lsm: false, overrides: {lsm.enabled: false}}
+  - {id: stac_pim, label: STAC + PIM, method: stac, lsm: true, variant: pim_only,
+     overrides: {lsm.enabled: true, lsm.sd: false}}
+"""
+
+
+def _spec(tmp_path, rows=None):
+    text = SPEC if rows is None else SPEC.split("rows:")[0] + "rows:\n" + rows
+    path = tmp_path / "stac_mini.yaml"
+    path.write_text(text)
+    return load_spec_file(path)
+
+
+def test_stac_teacher_is_the_supervised_cell_of_the_table(tmp_path, tiny):
+    cells, _ = build_plan(_spec(tmp_path), "demo", 1, tmp_path / "home", ratios=[25.0], overrides=tiny)
+    by_row = {c.row_id: c for c in cells}
+    assert set(by_row) == {"supervised", "stac", "stac_pim"}  # no second copy of the teacher
+    assert by_row["stac"].depends_on == by_row["stac_pim"].depends_on == by_row["supervised"].key
+    assert by_row["stac"].work == by_row["stac"].iterations  # STAC trains all its iterations itself
+    # LSM on the student leaves the teacher alone
+    assert teacher_config(by_row["stac_pim"].config) == by_row["supervised"].config
+
+
+def test_a_table_without_a_supervised_row_plans_the_teacher_cell(tmp_path, tiny):
+    rows = "  - {id: stac, label: STAC, method: stac, lsm: false, overrides: {lsm.enabled: false}}\n"
+    cells, _ = build_plan(_spec(tmp_path, rows), "demo", 1, tmp_path / "home", ratios=[25.0], overrides=tiny)
+    teacher, stac = cells
+    assert teacher.row_id == "teacher" and teacher.config.method == "supervised"
+    assert stac.depends_on == teacher.key and teacher_config(teacher.config) is None
+
+
+def test_method_sections_and_disabled_mlc_stay_out_of_other_cells_keys(tiny):
+    ubt = load_config("demo", tiny, method="ubteacher")
+    for other in (["softteacher.rpn_thr=0.5"], ["stac.tau=0.5"], ["pseco.pla_candidate_topk=3"], ["mlc.weight=2"]):
+        assert load_config("demo", tiny + other, method="ubteacher").key() == ubt.key(), other
+    assert load_config("demo", tiny + ["mlc.enabled=true"], method="ubteacher").key() != ubt.key()
+    st = load_config("demo", tiny, method="softteacher")
+    assert load_config("demo", tiny + ["softteacher.rpn_thr=0.5"], method="softteacher").key() != st.key()
+    # a burn-in ignores the settings that act after it, and keeps PseCo's supervised loss
+    ps = load_config("demo", tiny + ["pseco.pla_candidate_topk=3", "mlc.enabled=true"], method="pseco")
+    assert burn_in_config(ps) == burn_in_config(load_config("demo", tiny, method="pseco"))
+    assert burn_in_config(load_config("demo", tiny + ["pseco.focal_gamma=1"], method="pseco")) != burn_in_config(ps)
+
+
+@pytest.mark.slow
+def test_stac_cell_trains_its_teacher_then_reuses_its_pseudo_labels(tmp_path, tiny):
+    from bench.worker import run_cell
+
+    home = tmp_path / "home"
+    cfg = load_config("demo", tiny + ["data.ratio=25", "solver.max_iter=3", "stac.tau=0.05"], method="stac")
+    result = run_cell(cfg, home, track=False, progress=False)
+    data = prepare_data(cfg.data, home)
+    tdir = run_dir(home, cell_key(teacher_config(cfg), data))
+    assert (tdir / "result.json").exists() and result["method"] == "stac"
+    coco = json.loads((tdir / "pseudo_labels.json").read_text())
+    assert {im["id"] for im in coco["images"]} == {r.id for r in data.unlabeled.records}
+    # a second STAC cell (another lambda_u) reads the same file: it is not regenerated
+    mtime = (tdir / "pseudo_labels.json").stat().st_mtime_ns
+    run_cell(load_config("demo", tiny + ["data.ratio=25", "solver.max_iter=3", "stac.tau=0.05", "stac.lambda_u=1"],
+                         method="stac"), home, track=False, progress=False)
+    assert (tdir / "pseudo_labels.json").stat().st_mtime_ns == mtime
