@@ -40,23 +40,12 @@ from torchvision.ops import sigmoid_focal_loss
 from adapters import mlc
 from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
 from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
-from adapters.models.faster_rcnn import (
-    FEATURE_NAMES,
-    POOLED_LEVELS,
-    RoIHeads,
-    RoISamples,
-    TrainForward,
-    pool_by_level,
-)
-from adapters.softteacher import (
-    SoftTeacherConfig,
-    SoftTeacherEMAHook,
-    map_boxes,
-    map_pseudo_labels,
-    select,
-    student_view,
-)
-from bench.data.transforms import View, relative_matrix
+from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads, RoISamples, TrainForward,
+                                         pool_by_level)
+from adapters.softteacher import (SoftTeacherEMAHook, map_boxes, map_pseudo_labels, select, student_view,
+                                  teacher_and_student_views)
+from bench.config import SoftTeacherConfig
+from bench.data.transforms import View
 from bench.errors import BenchError
 
 # Salt of the student-view random stream (Soft Teacher's is 104_729; the loader's seed and seed + 7919).
@@ -86,25 +75,6 @@ class SigmoidFocalRoIHeads(RoIHeads):
 
     def class_scores(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits[:, : self.num_classes])
-
-    @torch.no_grad()
-    def postprocess(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes) -> list[dict]:
-        """The shared postprocess with sigmoid scores (score threshold, per-class NMS, top-k)."""
-        per_image = [len(p) for p in proposals]
-        pred_boxes = self.box_coder.decode(deltas, proposals).reshape(len(deltas), self.num_classes, 4)
-        scores = self.class_scores(logits)
-        out = []
-        for boxes, sc, size in zip(pred_boxes.split(per_image), scores.split(per_image), image_sizes):
-            boxes = box_ops.clip_boxes_to_image(boxes, size)
-            labels = torch.arange(self.num_classes, device=sc.device).expand_as(sc)
-            boxes, sc, labels = boxes.reshape(-1, 4), sc.reshape(-1), labels.reshape(-1)
-            keep = torch.where(sc > self.score_thresh)[0]
-            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(boxes, 1e-2)
-            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.batched_nms(boxes, sc, labels, self.nms_thresh)[: self.detections_per_img]
-            out.append({"boxes": boxes[keep], "scores": sc[keep], "labels": labels[keep]})
-        return out
 
 
 def use_sigmoid_focal(heads: RoIHeads, gamma: float, alpha: float, weight: float) -> None:
@@ -384,11 +354,8 @@ class PseCo(MeanTeacherAdapter):
 
         semi, pc, lsm = self.cfg.semi, self.pc, self.lsm
         items = batch["unlabeled"]
-        images_t, hidden_gt = batch_to_device(items, "weak", self.device)
-        views_s = self.student_views(items, iteration)
-        images_s = [v.image.to(self.device) for v in views_s]
+        images_t, hidden_gt, images_s, to_student = teacher_and_student_views(self, items, iteration)
         sizes_s = [tuple(img.shape[-2:]) for img in images_s]
-        to_student = [relative_matrix(it["views"]["weak"], v) for it, v in zip(items, views_s)]
 
         teacher_out = self.pseudo_label(images_t)
         pseudo = map_pseudo_labels(teacher_out.detections, to_student, sizes_s)

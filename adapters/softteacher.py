@@ -212,6 +212,15 @@ class TeacherOutput:
 
 
 # ----------------------------------------------------------------------------- the adapter
+def teacher_and_student_views(adapter, items: list[dict], iteration: int):
+    """(teacher images = the loader's weak views, their hidden labels (statistics only), the images
+    of `adapter.student_views`, the weak -> student matrices): Soft Teacher's and PseCo's setup."""
+    images_t, hidden_gt = batch_to_device(items, "weak", adapter.device)
+    views = adapter.student_views(items, iteration)
+    to_student = [relative_matrix(it["views"]["weak"], v) for it, v in zip(items, views)]
+    return images_t, hidden_gt, [v.image.to(adapter.device) for v in views], to_student
+
+
 @register("softteacher")
 class SoftTeacher(MeanTeacherAdapter):
     labeled_views = ("weak",)  # resize + flip (the original adds one colour op)
@@ -328,10 +337,7 @@ class SoftTeacher(MeanTeacherAdapter):
 
         semi, st, lsm = self.cfg.semi, self.st, self.lsm
         items = batch["unlabeled"]
-        images_t, hidden_gt = batch_to_device(items, "weak", self.device)
-        views_s = self.student_views(items, iteration)
-        images_s = [v.image.to(self.device) for v in views_s]
-        to_student = [relative_matrix(it["views"]["weak"], v) for it, v in zip(items, views_s)]
+        images_t, hidden_gt, images_s, to_student = teacher_and_student_views(self, items, iteration)
         to_teacher = [np.linalg.inv(m) for m in to_student]
 
         teacher_out = self.pseudo_label(images_t)

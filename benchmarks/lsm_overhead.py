@@ -123,7 +123,7 @@ def main() -> None:
         print(json.dumps(run_variant(args, args.variant == "lsm")))
         return
     print(f"preset {args.preset}, device {args.device}, {args.iters} steps per variant and process")
-    rows = []
+    rows, failed = [], []
     for method in args.methods.split(","):
         results = {}
         for variant in ("without", "lsm", "without", "lsm"):  # twice each, alternating, in fresh processes
@@ -131,19 +131,27 @@ def main() -> None:
                                   "--preset", args.preset, "--device", args.device, "--iters", str(args.iters),
                                   "--home", args.home, *args.overrides], capture_output=True, text=True)
             if out.returncode != 0:
-                raise SystemExit(f"{method} {variant} failed:\n{out.stderr[-3000:]}")
+                print(f"{method} {variant} failed:\n{out.stderr[-3000:]}", flush=True)
+                failed.append(method)
+                break
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results.setdefault(variant, {"times": [], "peak": []})
             results[variant]["times"] += r["times"]
             results[variant]["peak"].append(r["peak_bytes"])
+        if method in failed:
+            continue
         t = {v: statistics.median(r["times"]) for v, r in results.items()}
         m = {v: max(r["peak"]) for v, r in results.items()}
-        print(f"{method:12s} without LSM: {summary(results['without']['times'])}, peak +{m['without'] / 2**20:.0f} MiB")
-        print(f"{method:12s} with LSM:    {summary(results['lsm']['times'])}, peak +{m['lsm'] / 2**20:.0f} MiB")
+        print(f"{method:12s} without LSM: {summary(results['without']['times'])}, peak +{m['without'] / 2**20:.0f} MiB",
+              flush=True)
+        print(f"{method:12s} with LSM:    {summary(results['lsm']['times'])}, peak +{m['lsm'] / 2**20:.0f} MiB",
+              flush=True)
         rows.append((method, t["lsm"] / t["without"], m["lsm"] / max(m["without"], 1)))
     print("\nmethod        time LSM / without (target <= 1.3)   peak memory LSM / without")
     for method, tr, mr in rows:
         print(f"{method:12s}  {tr:.3f}{'' if tr <= 1.3 else '  (over target)':16s}                  {mr:.3f}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -344,12 +344,16 @@ class RoIHeads(nn.Module):
         }
 
     # -- inference ---------------------------------------------------------------------------
+    def class_scores(self, logits: Tensor) -> Tensor:
+        """Per-class foreground scores (N, K): softmax over K + 1, background dropped."""
+        return F.softmax(logits, -1)[:, :-1]
+
     @torch.no_grad()
     def postprocess(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes) -> list[dict]:
-        """Softmax scores, class-specific boxes, score threshold, per-class NMS, top-k."""
+        """Class scores, class-specific boxes, score threshold, per-class NMS, top-k."""
         boxes_per_image = [len(p) for p in proposals]
         pred_boxes = self.box_coder.decode(deltas, proposals).reshape(len(deltas), self.num_classes, 4)
-        scores = F.softmax(logits, -1)[:, :-1]
+        scores = self.class_scores(logits)
         out = []
         for boxes, sc, size in zip(pred_boxes.split(boxes_per_image), scores.split(boxes_per_image), image_sizes):
             boxes = box_ops.clip_boxes_to_image(boxes, size)
