@@ -46,7 +46,6 @@ from adapters.softteacher import (SoftTeacherEMAHook, map_boxes, map_pseudo_labe
                                   teacher_and_student_views)
 from bench.config import SoftTeacherConfig
 from bench.data.transforms import View
-from bench.errors import BenchError
 
 # Salt of the student-view random stream (Soft Teacher's is 104_729; the loader's seed and seed + 7919).
 STUDENT_VIEW_SALT = 130_363
@@ -251,9 +250,6 @@ class PseCo(MeanTeacherAdapter):
     unlabeled_views = ("weak",)  # the teacher view; the student view is drawn by `student_views`
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
-        if cfg.lsm.enabled and cfg.lsm.naive_large_area:
-            raise BenchError("lsm.naive_large_area (Table 5's UBT variant) is not defined for pseco; "
-                             "set lsm.naive_large_area=false")
         super().__init__(cfg, num_classes, device)
         self.pc = cfg.pseco
         self.mlc = cfg.mlc

@@ -45,7 +45,6 @@ from bench.config import SoftTeacherConfig
 from bench.data.coco import load_image
 from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, View, relative_matrix,
                                    strong_photometric, transform_boxes)
-from bench.errors import BenchError
 
 # Salt of the student-view random stream (the loader's streams use seed and seed + 7919).
 STUDENT_VIEW_SALT = 104_729
@@ -227,9 +226,6 @@ class SoftTeacher(MeanTeacherAdapter):
     unlabeled_views = ("weak",)  # the teacher view; the student view is built by `student_view`
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
-        if cfg.lsm.enabled and cfg.lsm.naive_large_area:
-            raise BenchError("lsm.naive_large_area (Table 5's UBT variant) is not defined for softteacher; "
-                             "set lsm.naive_large_area=false")
         super().__init__(cfg, num_classes, device)
         self.st = cfg.softteacher
 

@@ -27,6 +27,7 @@ from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, 
 class UnbiasedTeacher(MeanTeacherAdapter):
     labeled_views = ("weak", "strong")
     unlabeled_views = ("weak", "strong")
+    supports_naive_large_area = True
 
     def hooks(self) -> list:
         return [MeanTeacherHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,

@@ -316,3 +316,13 @@ def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_
     assert shared["burn_in_from"] == burn["key"] and alone["burn_in_from"] is None
     _assert_same(*_final_states((tmp_path / "a", alone), (tmp_path / "b", shared)))
     assert json.dumps(shared["metrics"], sort_keys=True) == json.dumps(alone["metrics"], sort_keys=True)
+
+
+@pytest.mark.parametrize("method", ["softteacher", "pseco"])
+def test_naive_large_area_is_a_ubt_variant_only(tiny, method):
+    from adapters.base import get_adapter
+    from bench.errors import BenchError
+
+    cfg = load_config("demo", tiny + ["lsm.enabled=true", "lsm.naive_large_area=true"], method=method)
+    with pytest.raises(BenchError, match=f"not defined for {method}; set lsm.naive_large_area=false"):
+        get_adapter(method)(cfg, 10, torch.device("cpu"))
