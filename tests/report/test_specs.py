@@ -105,12 +105,13 @@ def test_lsm_flag_matches_the_lsm_override(name):
 
 
 def test_row_status():
-    t1, t4 = load_spec("table1"), load_spec("table4")
+    t1, t3, t4 = load_spec("table1"), load_spec("table3"), load_spec("table4")
     assert t1.row_status("ubteacher_lsm") == "implemented"
     assert t1.row_status("supervised") == "implemented"
     assert t1.row_status("csd") == "paper-only"
-    assert t1.row_status("softteacher") == "paper-only"  # planned, no adapter yet
-    assert t4.row_status("ubteacher_mlc") == "paper-only"  # UBT runs, MLC does not exist here
+    assert t1.row_status("softteacher_lsm") == t1.row_status("pseco") == t1.row_status("stac") == "implemented"
+    assert t3.row_status("ddetr_stac") == "paper-only"  # planned, no adapter yet
+    assert t4.row_status("ubteacher_mlc") == t4.row_status("stac_mlc") == "implemented"
     assert t4.row_status("ubteacher_pim") == "implemented"
 
 
