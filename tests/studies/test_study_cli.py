@@ -20,7 +20,7 @@ def _app():
 def test_study_figure5_then_figure_regenerates_it(tmp_path, tiny):
     app, runner = _app(), CliRunner()
     out = tmp_path / "results"
-    args = ["--seeds", "1", "--grid", "0.5,0.8", "--home", str(tmp_path), "--out", str(out), "--no-track"]
+    args = ["--seeds", "1", "--grid", "0.5,0.8", "--ratio", "25", "--home", str(tmp_path), "--out", str(out), "--no-track"]
     r = runner.invoke(app, ["study", "figure5", *args, *tiny], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "alpha 0.8 left out" in r.output and "study figure5-demo-ubteacher: 2 complete" in r.output
