@@ -2,7 +2,8 @@
 
 Config (device and logging excluded, `RunConfig.key_dict`), the split manifest's hash, the data
 hash and the method's code version. Bump a method's version when a code change alters its
-results: old cells then get new keys instead of being reused.
+results (the detector's version when shared code does): old cells then get new keys instead of
+being reused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 
 # ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
 CODE_VERSION = {"supervised": 1, "ubteacher": 2}
+# The detector code shared by every method. 2: frozen BN folded into the convs (float rounding).
+DETECTOR_VERSION = 2
 
 
 def cell_key(cfg, data) -> str:
@@ -21,5 +24,6 @@ def cell_key(cfg, data) -> str:
         "split": data.manifest.sha256,
         "data": data.manifest.data_hash,
         "code": CODE_VERSION.get(cfg.method, 1),
+        "detector": DETECTOR_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -31,6 +31,7 @@ from torchvision.ops import roi_align
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from adapters.models.frozen_bn import fold_frozen_batchnorm
 from bench.errors import BenchError
 
 # FPN feature names produced by the backbone, and the pyramid level each one is.
@@ -145,6 +146,7 @@ def build_backbone(arch: str, weights: str = "none", trainable_layers: int = 3, 
         if weights not in ("none", "imagenet"):
             _load_backbone_weights(trunk, weights)
         body = _resnet_fpn_extractor(trunk, trainable_layers, extra_blocks=LastLevelMaxPool())
+        fold_frozen_batchnorm(body)
         return _Renamed(body, body.out_channels)
     if arch == "tiny":
         trunk = TinyTrunk()
@@ -178,6 +180,7 @@ def build_backbone(arch: str, weights: str = "none", trainable_layers: int = 3, 
             out_channels=fpn_channels,
             extra_blocks=LastLevelMaxPool(),
         )
+        fold_frozen_batchnorm(body)
         return _Renamed(body, fpn_channels)
     raise BenchError(f"unknown model.arch '{arch}'; known: r50_fpn, mobilenet_v2_fpn, tiny")
 
