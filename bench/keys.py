@@ -13,7 +13,8 @@ import json
 
 # ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
 CODE_VERSION = {"supervised": 1, "ubteacher": 2}
-# The detector code shared by every method. 2: frozen BN folded into the convs (float rounding).
+# The detector code shared by every method. 2: frozen BN folded into the convs, channels-last
+# trunk (float rounding).
 DETECTOR_VERSION = 2
 
 

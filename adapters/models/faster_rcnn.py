@@ -45,15 +45,19 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 # Backbones
 # --------------------------------------------------------------------------------------------
 class _Renamed(nn.Module):
-    """Gives the FPN outputs the level names the rest of the code uses (p2..p6)."""
+    """Gives the FPN outputs the level names the rest of the code uses (p2..p6).
+
+    The trunk and FPN run in channels-last layout: oneDNN's CPU convolutions took half the time of
+    the default layout's on the demo's MobileNetV2 (measured), and it is cuDNN's layout for fp16.
+    """
 
     def __init__(self, body: nn.Module, out_channels: int):
         super().__init__()
-        self.body = body
+        self.body = body.to(memory_format=torch.channels_last)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        feats = self.body(x)
+        feats = self.body(x.contiguous(memory_format=torch.channels_last))
         return OrderedDict(zip(FEATURE_NAMES, feats.values()))
 
 
