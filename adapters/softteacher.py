@@ -26,14 +26,12 @@ photometric recipe of bench/data/transforms.py. docs/softteacher.md lists every 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
@@ -43,42 +41,14 @@ from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, 
 from adapters.models.faster_rcnn import FasterRCNN, TrainForward
 from bench.config import SoftTeacherConfig
 from bench.data.coco import load_image
-from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, View, relative_matrix,
-                                   strong_photometric, transform_boxes)
+from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, View, random_geometric,
+                                   relative_matrix, strong_photometric, transform_boxes)
 
 # Salt of the student-view random stream (the loader's streams use seed and seed + 7919).
 STUDENT_VIEW_SALT = 104_729
-# Uncovered pixels of the geometric ops are grey, as the original's (its img_fill_val).
-FILL = (125, 125, 125)
 
 
 # ----------------------------------------------------------------------------- the student view
-def random_geometric(image: Image.Image, rng: np.random.Generator,
-                     st: SoftTeacherConfig) -> tuple[Image.Image, np.ndarray]:
-    """One of TranslateX, TranslateY, Rotate, ShearX+ShearY (the original's OneOf), about the
-    image centre, same output size. Returns the image and its 3x3 matrix (input -> output)."""
-    w, h = image.size
-    op = int(rng.integers(4))
-    if op == 0:
-        m = np.array([[1.0, 0, rng.uniform(-st.translate, st.translate) * w], [0, 1, 0], [0, 0, 1]])
-    elif op == 1:
-        m = np.array([[1.0, 0, 0], [0, 1, rng.uniform(-st.translate, st.translate) * h], [0, 0, 1]])
-    else:
-        if op == 2:
-            a = math.radians(rng.uniform(-st.rotate, st.rotate))
-            core = np.array([[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0], [0, 0, 1]])
-        else:
-            sx = math.tan(math.radians(rng.uniform(-st.shear, st.shear)))
-            sy = math.tan(math.radians(rng.uniform(-st.shear, st.shear)))
-            core = np.array([[1.0, 0, 0], [sy, 1, 0], [0, 0, 1]]) @ np.array([[1.0, sx, 0], [0, 1, 0], [0, 0, 1]])
-        centre = np.array([[1.0, 0, w / 2], [0, 1, h / 2], [0, 0, 1]])
-        m = centre @ core @ np.linalg.inv(centre)
-    inv = np.linalg.inv(m)  # PIL asks, for every output pixel, where to read in the input
-    out = image.transform((w, h), Image.AFFINE, data=tuple(inv[:2].ravel()), resample=Image.BILINEAR,
-                          fillcolor=FILL)
-    return out, m
-
-
 def student_view(record, aug, st: SoftTeacherConfig, rng: np.random.Generator, photometric: bool = True) -> View:
     """The student's view of an unlabeled image, drawn independently of the teacher's: resize
     (short side from `aug.short_sizes`) + flip, then one geometric op, then the strong photometric
@@ -88,7 +58,7 @@ def student_view(record, aug, st: SoftTeacherConfig, rng: np.random.Generator, p
     img, f = HorizontalFlip(aug.flip_prob)(img, rng)
     m = f @ m
     if st.geometric:
-        img, g = random_geometric(img, rng, st)
+        img, g = random_geometric(img, rng, st.translate, st.rotate, st.shear)
         m = g @ m
     pixels = TF.pil_to_tensor(img).float().div_(255.0)
     if photometric:

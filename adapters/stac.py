@@ -32,6 +32,7 @@ from torch import Tensor
 from adapters import mlc
 from adapters.base import Adapter, StepOutput, batch_to_device, register
 from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
+from adapters.stac_augment import stac_view
 from bench.data.transforms import View, transform_boxes
 from bench.data.types import DetectionDataset
 from bench.errors import BenchError
@@ -40,6 +41,8 @@ from bench.errors import BenchError
 PSEUDO_LABEL_FILE = "pseudo_labels.json"
 # Boxes narrower than this in a view are dropped (bench/data/transforms.AugConfig.min_box_size).
 MIN_BOX_SIZE = 1e-5
+# Salt of the strong-view random stream (the loader's streams use seed and seed + 7919).
+STRONG_VIEW_SALT = 130_363
 
 
 # ----------------------------------------------------------------------------- pseudo-label selection
@@ -241,7 +244,9 @@ class StacAdapter(Adapter):
     resume: they are an input, not training state. No teacher, no EMA, no burn-in."""
 
     labeled_views = ("weak",)  # resize + flip (the original's default augmentation)
-    unlabeled_views = ("strong",)  # the loader's strong view; its matrix maps the stored boxes
+    # The loader's unlabeled items carry the record; the student's view is `strong_views` (STAC's
+    # own recipe, adapters/stac_augment.py), whose matrix maps the stored boxes.
+    unlabeled_views = ("weak",)
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
         from adapters.lsm import PIM, attach_aux_classifier, init_aux_from_main
@@ -274,16 +279,27 @@ class StacAdapter(Adapter):
     def unlabeled_start(self) -> int:
         return 0  # the teacher is offline: unlabeled images from the first iteration
 
-    def pseudo_targets(self, items: list[dict], view: str = "strong") -> tuple[list[dict], list[dict]]:
-        """Per unlabeled item: main-branch pseudo-boxes (STAC's tau + top-box rule) and PIM's (score
-        > lsm.alpha; empty without LSM), selected on the stored scores, then mapped into the view."""
+    def _stored(self, item: dict) -> dict:
         if self.pseudo_labels is None:
             raise BenchError("stac has no pseudo-labels: the worker must call attach_pseudo_labels() with the "
                              "stage-2 file of the teacher (the supervised cell of this split)")
+        return self.pseudo_labels[item["image_id"]]
+
+    def strong_views(self, items: list[dict], iteration: int) -> list[View]:
+        """STAC's strong view of each unlabeled item (its in-box op picks one of the main pseudo-boxes);
+        a pure function of (seed, iteration, position), so a resumed run draws the same views."""
+        aug, st = self.cfg.data.aug, self.stac
+        return [stac_view(it["record"], tuple(aug.short_sizes), aug.max_size,
+                          select_pseudo_labels(self._stored(it), st.tau, st.keep_top_box)["boxes"].numpy(),
+                          np.random.default_rng([self.cfg.seed, STRONG_VIEW_SALT, iteration, j]))
+                for j, it in enumerate(items)]
+
+    def pseudo_targets(self, items: list[dict], views: list[View]) -> tuple[list[dict], list[dict]]:
+        """Per unlabeled item: main-branch pseudo-boxes (STAC's tau + top-box rule) and PIM's (score
+        > lsm.alpha; empty without LSM), selected on the stored scores, then mapped into its view."""
         st, main, pim = self.stac, [], []
-        for it in items:
-            stored = self.pseudo_labels[it["image_id"]]
-            v = it["views"][view]
+        for it, v in zip(items, views):
+            stored = self._stored(it)
             main.append(_to(boxes_into_view(select_pseudo_labels(stored, st.tau, st.keep_top_box), v), self.device))
             if self.pim is not None:
                 pim.append(_to(boxes_into_view(filter_pseudo_labels([stored], self.lsm.alpha)[0], v), self.device))
@@ -293,9 +309,11 @@ class StacAdapter(Adapter):
         self.student.train()
         st = self.stac
         items = batch["unlabeled"]
-        pseudo_main, pseudo_pim = self.pseudo_targets(items)
+        views = self.strong_views(items, iteration)
+        pseudo_main, pseudo_pim = self.pseudo_targets(items, views)
         images_l, targets_l = batch_to_device(batch["labeled"], "weak", self.device)
-        images_u, hidden_gt = batch_to_device(items, "strong", self.device)  # hidden labels: statistics only
+        images_u = [v.image.to(self.device) for v in views]
+        hidden_gt = [{"boxes": v.boxes.to(self.device), "labels": v.labels.to(self.device)} for v in views]  # statistics only
 
         fwd_l = self.student.train_forward(images_l, targets_l)
         fwd_u = self.student.train_forward(images_u, pseudo_main)
@@ -307,7 +325,7 @@ class StacAdapter(Adapter):
         half = 0.5 if st.average_forwards else 1.0  # the original's mean over its two forwards
         losses = {k: half * v for k, v in terms.items()}
 
-        scale = [1.0 / abs(np.linalg.det(it["views"]["strong"].matrix[:2, :2])) for it in items]
+        scale = [1.0 / abs(np.linalg.det(v.matrix[:2, :2])) for v in views]
         area = self.cfg.eval.area_scale
         metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, area, prefix="pl")
         if self.pim is not None:

@@ -12,7 +12,8 @@ import hashlib
 import json
 
 # ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
-CODE_VERSION = {"supervised": 1, "ubteacher": 2}
+# stac 2: STAC's own strong augmentation instead of Unbiased Teacher's.
+CODE_VERSION = {"supervised": 1, "ubteacher": 2, "stac": 2}
 # The detector code shared by every method. 2: frozen BN folded into the convs, channels-last
 # trunk (float rounding).
 DETECTOR_VERSION = 2

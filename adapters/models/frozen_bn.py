@@ -10,7 +10,6 @@ weights and the mean teacher's EMA see the same keys as before.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 

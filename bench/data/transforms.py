@@ -125,6 +125,37 @@ class HorizontalFlip:
 # ----------------------------------------------------------------------------- photometric
 
 
+# Uncovered pixels of the geometric ops are grey, as in STAC and Soft Teacher (img_fill_val 125).
+FILL = (125, 125, 125)
+
+
+def random_geometric(image: Image.Image, rng: np.random.Generator, translate: float, rotate: float,
+                     shear: float) -> tuple[Image.Image, np.ndarray]:
+    """One of TranslateX, TranslateY, Rotate, ShearX+ShearY (STAC's OneOf, ported by Soft Teacher),
+    about the image centre, same output size; ranges: +-translate of the side, +-rotate and +-shear
+    degrees. Returns the image and its 3x3 matrix (input -> output)."""
+    w, h = image.size
+    op = int(rng.integers(4))
+    if op == 0:
+        m = np.array([[1.0, 0, rng.uniform(-translate, translate) * w], [0, 1, 0], [0, 0, 1]])
+    elif op == 1:
+        m = np.array([[1.0, 0, 0], [0, 1, rng.uniform(-translate, translate) * h], [0, 0, 1]])
+    else:
+        if op == 2:
+            a = math.radians(rng.uniform(-rotate, rotate))
+            core = np.array([[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0], [0, 0, 1]])
+        else:
+            sx = math.tan(math.radians(rng.uniform(-shear, shear)))
+            sy = math.tan(math.radians(rng.uniform(-shear, shear)))
+            core = np.array([[1.0, 0, 0], [sy, 1, 0], [0, 0, 1]]) @ np.array([[1.0, sx, 0], [0, 1, 0], [0, 0, 1]])
+        centre = np.array([[1.0, 0, w / 2], [0, 1, h / 2], [0, 0, 1]])
+        m = centre @ core @ np.linalg.inv(centre)
+    inv = np.linalg.inv(m)  # PIL asks, for every output pixel, where to read in the input
+    out = image.transform((w, h), Image.AFFINE, data=tuple(inv[:2].ravel()), resample=Image.BILINEAR,
+                          fillcolor=FILL)
+    return out, m
+
+
 def _blur_kernel(sigma: float, h: int, w: int) -> int:
     """Odd kernel covering +-3 sigma, never larger than the image (tiny images stay valid)."""
     k = 2 * math.ceil(3 * sigma) + 1
@@ -184,13 +215,15 @@ def strong_photometric(img: torch.Tensor, rng: np.random.Generator, cfg: AugConf
 # ----------------------------------------------------------------------------- views
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> float32 [3, H, W] in [0, 1]."""
     arr = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _boxes_into_view(boxes: np.ndarray, labels: np.ndarray, m: np.ndarray, w: int, h: int,
-                     min_size: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+def boxes_in_view(boxes: np.ndarray, labels: np.ndarray, m: np.ndarray, w: int, h: int,
+                  min_size: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Original-pixel boxes through a view's matrix, clipped to its w x h; (boxes, labels, dropped)."""
     b = transform_boxes(boxes.astype(np.float64), m)
     b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
     b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
@@ -227,8 +260,8 @@ def make_views(image: Image.Image, record: ImageRecord, rng: np.random.Generator
     boxes, labels = record.boxes[keep], record.labels[keep]
 
     def build(img: Image.Image, m: np.ndarray) -> View:
-        t = _to_tensor(img)
-        b, lab, n_bad = _boxes_into_view(boxes, labels, m, img.size[0], img.size[1], cfg.min_box_size)
+        t = to_tensor(img)
+        b, lab, n_bad = boxes_in_view(boxes, labels, m, img.size[0], img.size[1], cfg.min_box_size)
         return View(image=t, boxes=b, labels=lab, matrix=m, dropped_crowd=n_crowd, dropped_degenerate=n_bad)
 
     out: dict[str, View] = {}

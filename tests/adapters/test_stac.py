@@ -225,17 +225,20 @@ def test_main_pseudo_boxes_follow_tau_and_the_top_box_and_land_in_the_strong_vie
     cfg, adapter = _adapter(cfg, data)
     items = _batch(cfg, adapter, data)["unlabeled"]
     assert items is not None  # unlabeled images from iteration 0 (no burn-in)
-    main, pim = adapter.pseudo_targets(items)
+    views = adapter.strong_views(items, 0)
+    main, pim = adapter.pseudo_targets(items, views)
     assert pim == []  # LSM off
-    for it, p in zip(items, main):
-        v = it["views"]["strong"]
+    for p, v in zip(main, views):
         assert p["scores"].tolist() == pytest.approx([0.95])  # only the 0.95 box passes tau 0.9
         assert p["boxes"][0].tolist() == pytest.approx(v.boxes[0].tolist(), abs=1e-4)  # = its true box, mapped
+    again = adapter.strong_views(items, 0)  # a pure function of (seed, iteration, position)
+    assert all(torch.equal(a.image, b.image) and np.array_equal(a.matrix, b.matrix) for a, b in zip(views, again))
+    assert not all(torch.equal(a.image, b.image) for a, b in zip(views, adapter.strong_views(items, 1)))
     low = StacConfig(tau=0.99)  # nothing passes tau: the top box is kept anyway, or nothing
     adapter.stac = low
-    assert [p["scores"].tolist() for p in adapter.pseudo_targets(items)[0]] == [pytest.approx([0.95])] * len(items)
+    assert [p["scores"].tolist() for p in adapter.pseudo_targets(items, views)[0]] == [pytest.approx([0.95])] * len(items)
     adapter.stac = StacConfig(tau=0.99, keep_top_box=False)
-    assert all(len(p["scores"]) == 0 for p in adapter.pseudo_targets(items)[0])
+    assert all(len(p["scores"]) == 0 for p in adapter.pseudo_targets(items, views)[0])
 
 
 def test_step_has_all_four_losses_on_pseudo_labels_weighted_by_lambda_u(setting):
@@ -269,13 +272,15 @@ def test_lsm_adds_pim_and_sd_and_alpha_filters_the_stored_scores(setting, monkey
     cfg_on, with_lsm = _adapter(cfg, data, enabled=True, alpha=0.5)
     batch = _batch(cfg_on, with_lsm, data)
 
-    main, pim = with_lsm.pseudo_targets(batch["unlabeled"])
-    for it, m, p in zip(batch["unlabeled"], main, pim):
-        n = len(data.unlabeled.by_id()[it["image_id"]].boxes)
+    views = with_lsm.strong_views(batch["unlabeled"], 0)
+    main, pim = with_lsm.pseudo_targets(batch["unlabeled"], views)
+    for v, m, p in zip(views, main, pim):
+        n = len(v.boxes)  # the true boxes still in the view (the pseudo-boxes are those boxes)
         assert m["scores"].tolist() == pytest.approx([0.95])  # main branch: STAC's tau
         assert p["scores"].tolist() == pytest.approx([0.95] + [0.6] * (n - 1))  # PIM: > alpha, not the 0.3 box
     with_lsm.lsm = with_lsm.lsm.model_copy(update={"alpha": 0.7})
-    assert all(p["scores"].tolist() == pytest.approx([0.95]) for p in with_lsm.pseudo_targets(batch["unlabeled"])[1])
+    assert all(p["scores"].tolist() == pytest.approx([0.95])
+               for p in with_lsm.pseudo_targets(batch["unlabeled"], views)[1])
     with_lsm.lsm = with_lsm.lsm.model_copy(update={"alpha": 0.5})
 
     seen = []

@@ -1,6 +1,5 @@
 """Unbiased Teacher + LSM on the tiny configuration: the step's loss terms and the toggles."""
 
-import copy
 
 import pytest
 import torch
