@@ -129,6 +129,14 @@ class MeanTeacherAdapter(Adapter):
     def unlabeled_start(self) -> int:
         return self.cfg.semi.burn_in
 
+    def supervised_terms(self, batch: dict):
+        """The student's losses on the labeled weak views (keys `<loss>_sup`), its forward and the
+        targets: the first part of every step, and all of a burn-in step (Soft Teacher, PseCo)."""
+        self.student.train()
+        images_l, targets_l = batch_to_device(batch["labeled"], "weak", self.device)
+        fwd_l = self.student.train_forward(images_l, targets_l)
+        return {f"{k}_sup": v for k, v in fwd_l.losses.items()}, fwd_l, targets_l
+
     def state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()}
 

@@ -38,7 +38,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 
 from adapters import mlc
-from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
+from adapters.base import MeanTeacherAdapter, StepOutput, register
 from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
 from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads, RoISamples, TrainForward,
                                          pool_by_level)
@@ -341,10 +341,7 @@ class PseCo(MeanTeacherAdapter):
         }
 
     def training_step(self, iteration: int, batch: dict) -> StepOutput:
-        self.student.train()
-        images_l, targets_l = batch_to_device(batch["labeled"], "weak", self.device)
-        fwd_l = self.student.train_forward(images_l, targets_l)
-        losses = {f"{k}_sup": v for k, v in fwd_l.losses.items()}
+        losses, fwd_l, targets_l = self.supervised_terms(batch)
         if iteration < self.cfg.semi.burn_in:
             return StepOutput(losses)
 

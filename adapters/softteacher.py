@@ -294,10 +294,7 @@ class SoftTeacher(MeanTeacherAdapter):
         return losses, fwd, weights
 
     def training_step(self, iteration: int, batch: dict) -> StepOutput:
-        self.student.train()
-        images_l, targets_l = batch_to_device(batch["labeled"], "weak", self.device)
-        fwd_l = self.student.train_forward(images_l, targets_l)
-        losses = {f"{k}_sup": v for k, v in fwd_l.losses.items()}
+        losses, fwd_l, targets_l = self.supervised_terms(batch)
         if iteration < self.cfg.semi.burn_in:
             return StepOutput(losses)
 
