@@ -44,6 +44,11 @@ class Cell:
         return self.config.stage == "burn_in"
 
     @property
+    def is_start(self) -> bool:
+        """A burn-in or a teacher planned only as other cells' start: no cell of the table."""
+        return self.row_id in (self.BURN_IN_ROW, self.TEACHER_ROW)
+
+    @property
     def iterations(self) -> int:
         """The iteration this cell's training ends at."""
         return self.config.semi.burn_in if self.is_burn_in else self.config.solver.max_iter

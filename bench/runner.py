@@ -142,7 +142,7 @@ def collect(cells: list[Cell], home: Path, metrics: list[str]):
 
     rows, failed = [], []
     for c in cells:
-        if c.is_burn_in:
+        if c.is_start:
             continue
         status = c.status(home)
         if status == "done":

@@ -54,6 +54,21 @@ def test_a_table_without_a_supervised_row_plans_the_teacher_cell(tmp_path, tiny)
     assert stac.depends_on == teacher.key and teacher_config(teacher.config) is None
 
 
+def test_the_table_leaves_out_a_teacher_cell_that_is_no_row(tmp_path, tiny):
+    """Table 4 has STAC rows and no supervised one: its teachers are planned, not reported."""
+    from bench.runner import collect
+
+    rows = "  - {id: stac, label: STAC, method: stac, lsm: false, overrides: {lsm.enabled: false}}\n"
+    home = tmp_path / "home"
+    cells, _ = build_plan(_spec(tmp_path, rows), "demo", 1, home, ratios=[25.0], overrides=tiny)
+    for ap, c in zip((7.0, 2.0), cells):  # both done
+        c.directory(home).mkdir(parents=True)
+        (c.directory(home) / "result.json").write_text(json.dumps({"primary_model": "student",
+                                                                    "metrics": {"student": {"AP": ap}}}))
+    results, failed = collect(cells, home, ["AP"])
+    assert results.to_dict("records") == [{"row_id": "stac", "column_id": "r25", "seed": 1, "AP": 2.0}] and not failed
+
+
 def test_method_sections_and_disabled_mlc_stay_out_of_other_cells_keys(tiny):
     ubt = load_config("demo", tiny, method="ubteacher")
     for other in (["softteacher.rpn_thr=0.5"], ["stac.tau=0.5"], ["pseco.pla_candidate_topk=3"], ["mlc.weight=2"]):
