@@ -1,5 +1,5 @@
 """`bench`: the command line. Verbs: train, eval, plan, run, report, status, clean, study, figure, ui,
-data (synth | split | check), config.
+data (synth | split | check | fetch), config.
 
 Bad input raises BenchError, printed as one line on stderr with exit code 2.
 """
@@ -19,13 +19,14 @@ from rich.table import Table
 
 from bench.cli_common import HOME_OPT, invocation, resolve_home
 from bench.errors import BenchError
+from bench.study_cli import FIGURES, OUT_OPT, STORAGE_OPT, study_app
 from bench.study_cli import figure as figure_cmd
-from bench.study_cli import study_app
 from bench.study_cli import ui as ui_cmd
 
 app = typer.Typer(help="lsm-bench: semi-supervised object detection benchmark (LSM, IJCAI 2023).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Data sets: generate the synthetic set, make split manifests, validate.",
+data_app = typer.Typer(help="Data sets: generate the synthetic set, fetch the forest set, make split manifests, "
+                       "validate.",
                        no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -40,7 +41,8 @@ err_console = Console(stderr=True)
 def train(
     ctx: typer.Context,
     method: str = typer.Option("supervised", help="Method: supervised, ubteacher."),
-    preset: str = typer.Option("demo", help="Preset in bench/presets (demo, coco, coco_additional, voc, coco_imagenet)."),
+    preset: str = typer.Option("demo", help="Preset in bench/presets (demo, demo_long, forest, coco, coco_additional, "
+                               "voc, coco_imagenet)."),
     ratio: Optional[float] = typer.Option(None, help="Percent of training images that keep their labels."),
     seed: Optional[int] = typer.Option(None, help="Training seed (the split is chosen by data.fold)."),
     lsm: bool = typer.Option(False, "--lsm", help="Turn LSM (PIM + SD) on."),
@@ -81,28 +83,31 @@ def _print_result(result: dict) -> None:
     console.print(f"COCO AP ({result['primary_model']}): {result['metrics'][result['primary_model']]['AP']:.2f}")
 
 
-def _plan(table: str, preset: str, seeds: int, ratios: Optional[str], overrides: list[str], home: Path):
+def _plan(table: str, preset: Optional[str], seeds: int, ratios: Optional[str], overrides: list[str], home: Path):
+    """(spec, cells, notes, preset): without --preset, the spec's own preset (forest), else demo."""
     from bench.plan import build_plan
     from bench.specs import load_spec
 
     spec = load_spec(table)
+    preset = preset or spec.preset or "demo"
     ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
     cells, notes = build_plan(spec, preset, seeds, home, ratio_list, overrides)
-    return spec, cells, notes
+    return spec, cells, notes, preset
 
 
 RATIOS_OPT = typer.Option(None, help="Only these label ratios, e.g. 1,10 (named ratios run even with few labels).")
-TABLE_HELP = "table1 ... table6, figure5, or a spec .yaml file."
+TABLE_HELP = "table1 ... table6, figure5, forest, or a spec .yaml file."
+TABLE_PRESET_OPT = typer.Option(None, help="Preset (default: the spec's own, e.g. forest for `forest`; else demo).")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
          seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
-         preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
+         preset: Optional[str] = TABLE_PRESET_OPT, ratios: Optional[str] = RATIOS_OPT,
          home: Optional[Path] = HOME_OPT):
     """List a table's cells with their cache status and the work left; runs nothing."""
     home = resolve_home(home)
-    spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    spec, cells, notes, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     from bench.plan import estimate_seconds, seconds_per_iteration
 
     t = Table(title=f"{spec.name} on preset {preset}: {len(cells)} cells")
@@ -131,7 +136,7 @@ def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
         seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
-        preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
+        preset: Optional[str] = TABLE_PRESET_OPT, ratios: Optional[str] = RATIOS_OPT,
         devices: Optional[str] = typer.Option(None, help="cpu or cuda:0,cuda:1 (default: all GPUs, else cpu)."),
         slots_per_device: Optional[int] = typer.Option(
             None, help="Cells run at once per device (default: 1 per GPU; on CPU one per core, at most 4)."),
@@ -145,7 +150,7 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
     from bench.executors.local import LocalExecutor
 
     home = resolve_home(home)
-    spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    spec, cells, notes, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     nothing_to_run = all(c.status(home) == "done" for c in cells)
     if devices is None:
         if nothing_to_run:
@@ -199,7 +204,7 @@ def _run_and_report(spec, cells, notes, executor, home, preset, seeds, command, 
 @app.command("report", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
                seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
-               preset: str = typer.Option("demo", help="Preset."), ratios: Optional[str] = RATIOS_OPT,
+               preset: Optional[str] = TABLE_PRESET_OPT, ratios: Optional[str] = RATIOS_OPT,
                err: str = typer.Option("std", help="std or sem."),
                out: Path = typer.Option(Path("results"), help="Where the tables are written."),
                home: Optional[Path] = HOME_OPT):
@@ -207,7 +212,7 @@ def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_H
     from bench.runner import report
 
     home = resolve_home(home)
-    spec, cells, notes = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    spec, cells, notes, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     command = invocation()
     paths = report(spec, cells, home, out, preset, command, err=err, notes=notes)
     console.print(paths[0].read_text(), markup=False, highlight=False)
@@ -275,15 +280,8 @@ def eval_cmd(
     from bench.data.sources import prepare_data
     from bench.worker import evaluate_models, resolve_device
 
-    rdir = Path(run)
-    if not rdir.is_dir():
-        matches = sorted((resolve_home(home) / "runs").glob(f"*/{run}*"))
-        if len(matches) != 1:
-            raise BenchError(f"run '{run}' matches {len(matches)} run directories; give a longer key or a path")
-        rdir = matches[0]
+    rdir = _resolve_run(run, resolve_home(home))
     weights = rdir / "model_final.pth"
-    if not weights.exists():
-        raise BenchError(f"{weights} does not exist; the run has not finished (rerun `bench train` to resume it)")
     cfg = RunConfig.model_validate(yaml.safe_load((rdir / "config.yaml").read_text()))
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
     data = prepare_data(cfg.data, resolve_home(home))
@@ -294,6 +292,20 @@ def eval_cmd(
         model.load_state_dict(state[name])
     for name, stats in evaluate_models(adapter, data, cfg, device).items():
         console.print(f"[bold]{name}[/bold]\n{stats.get('summary', stats)}")
+
+
+def _resolve_run(run: str, home: Path) -> Path:
+    """A finished run directory from a path or a key prefix under HOME/runs."""
+    rdir = Path(run)
+    if not rdir.is_dir():
+        matches = sorted((home / "runs").glob(f"*/{run}*"))
+        if len(matches) != 1:
+            raise BenchError(f"run '{run}' matches {len(matches)} run directories; give a longer key or a path")
+        rdir = matches[0]
+    weights = rdir / "model_final.pth"
+    if not weights.exists():
+        raise BenchError(f"{weights} does not exist; the run has not finished (rerun `bench train` to resume it)")
+    return rdir
 
 
 @data_app.command("synth")
@@ -313,7 +325,7 @@ def data_synth(
 
 @data_app.command("split")
 def data_split(
-    dataset: str = typer.Option("synthetic", help="synthetic, coco or voc."),
+    dataset: str = typer.Option("synthetic", help="synthetic, coco, voc or forest."),
     ratio: float = typer.Option(10.0, help="Percent labeled."),
     fold: int = typer.Option(1, help="Fold (split seed), 1-5 in the paper's protocol."),
     root: Optional[Path] = typer.Option(None, help="Data set root (coco/voc)."),
@@ -345,6 +357,30 @@ def data_split(
                   f"sha256 {manifest.sha256[:16]}" + (f" -> {out}" if out else ""))
 
 
+@data_app.command("fetch")
+def data_fetch(
+    name: str = typer.Argument(..., help="The data set: forest (DeepForest's aerial tree crowns, for preset forest)."),
+    wheel: Optional[Path] = typer.Option(None, help="A downloaded deepforest-2.1.0-py3-none-any.whl to use "
+                                         "instead of `pip download` (machines without PyPI access)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild the tiles even if a verified set is there."),
+    home: Optional[Path] = HOME_OPT,
+):
+    """Download a real data set into BENCH_HOME and prepare it (forest: a 20 MB wheel -> 56 tiles, once).
+
+    forest: `pip download --no-deps deepforest==2.1.0` into BENCH_HOME/downloads (never installed).
+
+    The wheel's sha256 is checked, its annotated rasters are cut into tiles of at most 400 px.
+
+    COCO files go to BENCH_HOME/data/forest-v1, hash-checked (docs/forest.md). Then: `bench run forest --seeds 3`.
+    """
+    if name != "forest":
+        raise BenchError(f"unknown data set '{name}' to fetch; known: forest (the synthetic set is generated on "
+                         "first use; for COCO and VOC pass data.root)")
+    from bench.data import forest
+
+    forest.fetch_forest(resolve_home(home), wheel, force, log=lambda s: console.print(s, markup=False, highlight=False))
+
+
 @data_app.command("check")
 def data_check(path: Path = typer.Argument(..., help="A COCO JSON file or a VOC root."),
                image_dir: Optional[Path] = typer.Option(None, help="Image directory (COCO) if not next to the JSON.")):
@@ -365,7 +401,116 @@ def config_show(preset: str = typer.Option("demo", help="Preset name."),
 
 
 app.add_typer(study_app, name="study")
-app.command("figure", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(figure_cmd)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def figure(ctx: typer.Context,
+           name: str = typer.Argument(..., help="fig1, fig4, pl-quality, figure5 or samples."),
+           preset: str = typer.Option("demo", help="Preset."),
+           seeds: int = typer.Option(3, help="fig4 / pl-quality: seeds of each method."),
+           ratio: Optional[float] = typer.Option(None, help="Label ratio (fig1 default 100, fig4 default 5)."),
+           score_thresh: Optional[float] = typer.Option(
+               None, help="fig1: pseudo-label score threshold (default semi.t); samples: lowest score drawn "
+               "(default 0.1)."),
+           train: bool = typer.Option(False, "--train", help="Train the cells that are not done (else: error)."),
+           study_name: Optional[str] = typer.Option(None, "--name", help="figure5: the studies' base name."),
+           run: Optional[str] = typer.Option(
+               None, "--run", help="samples: the cell to draw (run directory or key prefix); default: a finished "
+               "ubteacher cell of --preset."),
+           images: int = typer.Option(4, "--images", min=1, help="samples: how many unlabeled images."),
+           storage: Optional[str] = STORAGE_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
+    """Draw a figure from finished cells: PNG + the CSV behind it, the command in both.
+
+    samples: a trained teacher's detections on a few unlabeled images and their hidden ground truth.
+
+    Boxes are coloured by score: dotted <= alpha (dropped), dashed (alpha, t] (LSM only), solid > t.
+
+    fig1, fig4, pl-quality: extra arguments are config overrides; fig4 needs solver.eval_period=N.
+    """
+    if name not in (*FIGURES, "samples"):
+        raise BenchError(f"unknown figure '{name}'; figures: {', '.join((*FIGURES, 'samples'))}")
+    if name != "samples":
+        figure_cmd(ctx, name=name, preset=preset, seeds=seeds, ratio=ratio, score_thresh=score_thresh, train=train,
+                   study_name=study_name, storage=storage, out=out, home=home)
+        return
+    if ctx.args:
+        raise BenchError(f"figure samples takes no config overrides (got {' '.join(ctx.args)}); "
+                         "choose the cell with --run")
+    png, csv = samples_figure(resolve_home(home), preset, run, images,
+                              0.1 if score_thresh is None else score_thresh, out, invocation())
+    console.print(f"figure: {png}  data: {csv}")
+
+
+def find_teacher_cell(home: Path, preset: str) -> Path:
+    """A finished ubteacher cell of `preset`: without LSM first, then the lowest ratio, seed, key."""
+    found = []
+    for path in sorted((home / "runs").glob("*/*/result.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (r.get("method") == "ubteacher" and r.get("stage", "full") == "full" and r.get("preset") == preset
+                and (path.parent / "model_final.pth").exists()):
+            found.append(((bool(r.get("lsm")), float(r.get("ratio", 0)), int(r.get("seed", 0)), path.parent.name),
+                          path.parent))
+    if not found:
+        how = (f"`bench run {preset} --seeds 1`" if preset == "forest"
+               else f"`bench train --method ubteacher --preset {preset}`")
+        raise BenchError(f"no finished ubteacher cell of preset {preset} under {home / 'runs'}; run {how} first, "
+                         "or pass --run DIR")
+    return min(found)[1]
+
+
+def samples_figure(home: Path, preset: str, run: Optional[str], images: int, min_score: float, out: Path,
+                   command: str) -> tuple[Path, Path]:
+    """The samples figure of a finished cell (--run, or `find_teacher_cell`): its first evaluated
+    model (the teacher of a mean-teacher method) on `images` unlabeled images of its own split that
+    have ground truth, evenly spread over the id order."""
+    rdir = _resolve_run(run, home) if run else find_teacher_cell(home, preset)  # before the heavy imports
+
+    import numpy as np
+    import torch
+    import yaml
+
+    from adapters.base import get_adapter
+    from adapters.engine.inference import run_inference
+    from bench.config import RunConfig
+    from bench.data.coco import load_image
+    from bench.data.sources import prepare_data
+    from bench.report.figures import plot_samples, samples_frame, save
+    from bench.worker import aug_config, resolve_device
+
+    cfg = RunConfig.model_validate(yaml.safe_load((rdir / "config.yaml").read_text()))
+    data = prepare_data(cfg.data, home)
+    pool = [r for r in data.unlabeled.records if len(r.boxes)] or data.unlabeled.records
+    if not pool:
+        raise BenchError(f"cell {rdir.name[:12]} has no unlabeled images (data.ratio {cfg.data.ratio:g}); "
+                         "pass --run with a cell below 100% labels")
+    picks = [pool[i] for i in sorted({int(i) for i in np.linspace(0, len(pool) - 1, min(images, len(pool)))})]
+    device = resolve_device(cfg.device)
+    adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
+    state = torch.load(rdir / "model_final.pth", map_location="cpu", weights_only=True)
+    model_name, model = next(iter(adapter.eval_models().items()))
+    model.load_state_dict(state[model_name])
+    subset = data.unlabeled.subset([r.id for r in picks])
+    dets = {d["image_id"]: d for d in run_inference(model, subset, aug_config(cfg, strong=False), device)}
+    samples = []
+    for r in subset.records:
+        d = dets[r.id]
+        keep = d["scores"] >= min_score
+        samples.append({"image_id": r.id, "file": r.file, "image": np.asarray(load_image(r.file)), "gt": r.boxes,
+                        "boxes": d["boxes"][keep].numpy(), "scores": d["scores"][keep].numpy()})
+    alpha, t = cfg.lsm.alpha, cfg.semi.t
+    label = cfg.method + (" + LSM" if cfg.lsm.enabled else "")
+    title = (f"{model_name} of {label}, {cfg.data.ratio:g}% labels, seed {cfg.seed}, preset {cfg.preset} "
+             f"(cell {rdir.name[:12]})\ndetections with score ≥ {min_score:g} on unlabeled images")
+    fig = plot_samples(samples, alpha, t, title)
+    data_frame = samples_frame(samples, alpha, t).assign(cell=rdir.name, model=model_name, alpha=alpha, t=t)
+    out = Path(out)
+    png = out if out.suffix.lower() == ".png" else out / f"samples_{cfg.preset}.png"
+    return save(fig, data_frame, png, command)
+
+
 app.command("ui")(ui_cmd)
 
 

@@ -50,9 +50,11 @@ class AugConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["synthetic", "coco", "voc"] = "synthetic"
+    dataset: Literal["synthetic", "coco", "voc", "forest"] = "synthetic"
     setting: Literal["coco_standard", "coco_additional", "voc", "coco_imagenet"] = "coco_standard"
-    root: str | None = None  # data set root (COCO: annotations/ + train2017/ val2017/; VOC: VOCdevkit)
+    # data set root (COCO: annotations/ + train2017/ val2017/; VOC: VOCdevkit; forest: a tiled set,
+    # default BENCH_HOME/data/forest-v1 from `bench data fetch forest`)
+    root: str | None = None
     unlabeled: str | None = None  # extra unlabeled pool: a folder or a list file of image paths
     ratio: float = Field(10.0, gt=0, le=100)  # percent of the training images that keep labels
     fold: int = Field(1, ge=1)

@@ -31,7 +31,7 @@ def test_alpha_above_t_is_refused():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(BenchError, match="known presets: coco, coco_additional, coco_imagenet, demo, demo_long, voc"):
+    with pytest.raises(BenchError, match="known presets: coco, coco_additional, coco_imagenet, demo, demo_long, forest, voc"):
         load_config("cocoo")
 
 

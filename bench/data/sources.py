@@ -5,10 +5,12 @@ Each setting of the paper (README of shared/paper) maps to readers + a split man
 - coco_additional: all of train2017 labeled; unlabeled = `data.unlabeled` (e.g. unlabeled2017).
 - voc: VOC2007 trainval labeled, VOC2012 trainval unlabeled, VOC2007 test for evaluation.
 - coco_imagenet: train2017 labeled; unlabeled = an image folder or a list file (`data.unlabeled`).
-The synthetic demo set behaves like coco_standard. Unlabeled images keep their hidden ground truth
-where the source has one (synthetic, COCO train2017): training never reads it, the pseudo-label
-statistics (precision/recall by size) do. The manifest is written to BENCH_HOME/splits/ so the same
-labeled image ids are reused by every run and can be inspected.
+The synthetic demo set behaves like coco_standard, and so does `forest` (DeepForest's aerial tiles,
+bench/data/forest.py: its train tiles are split by ratio, its val tiles are a held-out region).
+Unlabeled images keep their hidden ground truth where the source has one (synthetic, forest, COCO
+train2017): training never reads it, the pseudo-label statistics (precision/recall by size) do.
+The manifest is written to BENCH_HOME/splits/ so the same labeled image ids are reused by every run
+and can be inspected.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.data import coco, splits, synth, voc
+from bench.data import coco, forest, splits, synth, voc
 from bench.data.types import DetectionDataset
 from bench.errors import BenchError
 
@@ -90,6 +92,18 @@ def prepare_data(cfg, home: Path) -> SemiData:
         root = Path(paths["root"])
         train = _load_coco(Path(paths["train"]), root / "images" / "train", name="synthetic_train")
         val = _load_coco(Path(paths["val"]), root / "images" / "val", name="synthetic_val")
+        manifest = _manifest(cfg, train, home)
+        return SemiData(train.subset(manifest.labeled_ids), train.subset(manifest.unlabeled_ids), val, manifest)
+
+    if cfg.dataset == "forest":
+        if cfg.setting != "coco_standard":
+            raise BenchError("data.dataset=forest splits its train tiles by data.ratio: use "
+                             f"data.setting=coco_standard (got {cfg.setting})")
+        root = Path(cfg.root) if cfg.root else forest.default_root(home)
+        files = forest.dataset_files(root, home)
+        train = _load_coco(files["train"], files["train_images"], name="forest_train")
+        val = _load_coco(files["val"], files["val_images"], name="forest_val")
+        forest.check_hashes(root, home, train, val)
         manifest = _manifest(cfg, train, home)
         return SemiData(train.subset(manifest.labeled_ids), train.subset(manifest.unlabeled_ids), val, manifest)
 

@@ -7,6 +7,9 @@
 - Figure 1: IoU of pseudo-labels (detections above the threshold) with the ground truth against
   box area, from a trained supervised detector on images whose ground truth we have.
 - Pseudo-label quality per step: precision / recall by size that the UBteacher adapter logs.
+- Samples: a teacher's detections on a few unlabeled images beside their hidden ground truth,
+  coloured by score, the line style telling the band: dropped (<= alpha), LSM's PIM/SD only
+  (alpha < score <= t), pseudo-label of the main branch (> t).
 
 Plot functions take tidy frames and return a matplotlib Figure (tests inspect its axes); `save`
 writes the PNG (with the command that made it in the PNG's metadata) and the CSV (the command in
@@ -203,6 +206,96 @@ def plot_iou_vs_area(df: pd.DataFrame, score_thresh: float,
     ax_b.set_title("(b) IoU versus box area")
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+# -- samples: ground truth and pseudo-labels on unlabeled images -------------------------------------
+# filter_pseudo_labels keeps score > threshold: <= alpha is dropped, (alpha, t] feeds only LSM's
+# PIM and SD, > t is a pseudo-label of the main branch.
+BANDS = ("below_alpha", "alpha_to_t", "above_t")
+BAND_STYLE = {"below_alpha": {"linestyle": ":", "linewidth": 1.0},
+              "alpha_to_t": {"linestyle": "--", "linewidth": 1.6},
+              "above_t": {"linestyle": "-", "linewidth": 2.6}}
+GT_STYLE = {"linestyle": "-", "linewidth": 1.0, "edgecolor": "white"}
+SCORE_CMAP = "plasma"
+
+
+def score_band(score: float, alpha: float, t: float) -> str:
+    return "above_t" if score > t else "alpha_to_t" if score > alpha else "below_alpha"
+
+
+def samples_frame(samples: list[dict], alpha: float, t: float) -> pd.DataFrame:
+    """One row per box: image_id, file, kind (gt | pseudo), x1, y1, x2, y2, score, band.
+
+    `samples`: dicts with image_id, file, gt (N, 4) and boxes (M, 4) xyxy in image pixels, scores (M,).
+    """
+    rows = []
+    for s in samples:
+        for box in np.asarray(s["gt"], dtype=float).reshape(-1, 4):
+            rows.append({"image_id": s["image_id"], "file": Path(s["file"]).name, "kind": "gt",
+                         **dict(zip(("x1", "y1", "x2", "y2"), box.round(2))), "score": np.nan, "band": "gt"})
+        order = np.argsort(-np.asarray(s["scores"], dtype=float), kind="stable")
+        boxes = np.asarray(s["boxes"], dtype=float).reshape(-1, 4)
+        for k in order:
+            score = float(s["scores"][k])
+            rows.append({"image_id": s["image_id"], "file": Path(s["file"]).name, "kind": "pseudo",
+                         **dict(zip(("x1", "y1", "x2", "y2"), boxes[k].round(2))), "score": score,
+                         "band": score_band(score, alpha, t)})
+    return pd.DataFrame(rows, columns=["image_id", "file", "kind", "x1", "y1", "x2", "y2", "score", "band"])
+
+
+def plot_samples(samples: list[dict], alpha: float, t: float,
+                 title: str = "Ground truth and pseudo-labels") -> plt.Figure:
+    """A panel per image (`samples` as in `samples_frame`, plus `image`, an HxWx3 array): the
+    hidden ground truth in white, every detection in the colour of its score, dotted (<= alpha),
+    dashed (alpha, t] or solid (> t); alpha and t marked on the colour bar."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    if not samples:
+        raise BenchError("no images to draw; the split has no unlabeled images")
+    df = samples_frame(samples, alpha, t)
+    cols = min(2, len(samples))
+    rows = -(-len(samples) // cols)
+    width, height = 5.0 * cols + 1.8, 5.0 * rows + 1.4
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    top, bottom, right = 1 - 0.9 / height, 0.7 / height, 1 - 1.7 / width  # title, legend, colour bar
+    fig.subplots_adjust(left=0.1 / width, right=right, top=top, bottom=bottom, wspace=0.05, hspace=0.18)
+    norm, cmap = Normalize(0.0, 1.0), plt.get_cmap(SCORE_CMAP)
+    for ax, s in zip(axes.flat, samples):
+        ax.imshow(s["image"])
+        for x1, y1, x2, y2 in np.asarray(s["gt"], dtype=float).reshape(-1, 4):
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, label="gt", **GT_STYLE))
+        sub = df[(df["image_id"] == s["image_id"]) & (df["kind"] == "pseudo")]
+        for r in sub.sort_values("score").itertuples():  # confident boxes on top
+            ax.add_patch(Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, label=r.band,
+                                   edgecolor=cmap(norm(r.score)), **BAND_STYLE[r.band]))
+        n = sub["band"].value_counts()
+        n_gt = len(np.asarray(s["gt"]).reshape(-1, 4))
+        ax.set_title(f"{Path(s['file']).stem}\nGT {n_gt}; > t {n.get('above_t', 0)}, "
+                     f"(α, t] {n.get('alpha_to_t', 0)}, ≤ α {n.get('below_alpha', 0)}", fontsize="small")
+        ax.set_axis_off()
+    for ax in list(axes.flat)[len(samples):]:
+        ax.set_axis_off()
+    grey = "0.35"
+    gt_line = {k: v for k, v in GT_STYLE.items() if k != "edgecolor"}
+    handles = [Line2D([], [], color="white", **gt_line, label="ground truth (hidden from training)"),
+               Line2D([], [], color=grey, **BAND_STYLE["below_alpha"], label=f"score ≤ α = {alpha:g}: dropped"),
+               Line2D([], [], color=grey, **BAND_STYLE["alpha_to_t"],
+                      label=f"α < score ≤ t = {t:g}: LSM's PIM / SD only"),
+               Line2D([], [], color=grey, **BAND_STYLE["above_t"], label="score > t: pseudo-label")]
+    legend = fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=True,
+                        facecolor="0.85")
+    cax = fig.add_axes((right + 0.3 / width, bottom + 0.1 * (top - bottom), 0.25 / width, 0.8 * (top - bottom)))
+    bar = fig.colorbar(ScalarMappable(norm, cmap), cax=cax)
+    bar.set_label("teacher score")
+    for value in (alpha, t):
+        bar.ax.axhline(value, color="black", linewidth=1.5)
+    bar.set_ticks([0.0, alpha, t, 1.0], labels=["0", f"α = {alpha:g}", f"t = {t:g}", "1"])
+    legend.set_in_layout(False)
+    fig.suptitle(title)
     return fig
 
 

@@ -8,11 +8,14 @@ the paper's numbers only; that keeps every published number visible next to what
 Two features beyond a plain grid, both needed to describe the paper faithfully:
 
 - ``only_columns`` on a row: the cells of the paper's layout. Table 6 puts UBT and DDETR in
-  different settings, Table 4 runs STAC on COCO-ImageNet only; other cells are not part of the
-  artifact (not run, left blank).
+  different settings; other cells are not part of the artifact (not run, left blank).
 - ``params`` on a column, substituted for ``${name}`` in a row's overrides and variant: Figure 5's
   columns are threshold values that set ``semi.t`` for the UBT row and ``lsm.alpha`` for the LSM
   row. Use `ArtifactSpec.cells` and `ArtifactSpec.cell_overrides` rather than merging by hand.
+
+A spec of one's own need not be a paper artifact: without ``paper_table`` it has no paper values
+(the tables show ours only), and ``preset`` names the preset it runs on when ``--preset`` is not
+given (``bench run forest`` runs on the ``forest`` preset).
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class AbsentSpec(_Frozen):
 class ArtifactSpec(_Frozen):
     name: str
     title: str
-    paper_table: str
+    paper_table: str | None = None  # the paper CSV's table key; None: a spec with no paper values
+    preset: str | None = None  # the preset `bench plan/run/report` use without --preset (default demo)
     metrics: list[str] = Field(min_length=1)
     columns: list[ColumnSpec] = Field(min_length=1)
     rows: list[RowSpec] = Field(min_length=1)
@@ -188,7 +192,7 @@ class ArtifactSpec(_Frozen):
         from bench.paper import paper_value
 
         r, c = self._r(row), self._c(column)
-        if not self.in_artifact(r, c):
+        if self.paper_table is None or not self.in_artifact(r, c):
             return None
         return paper_value(self.paper_table, c.setting, r.method, r.lsm, self.cell_variant(r, c), metric)
 
