@@ -312,11 +312,14 @@ def _delta_grid(spec: ArtifactSpec, deltas: pd.DataFrame, st: _Style) -> tuple[l
             mean, st.dash if math.isnan(d["p"]) else _pvalue(d["p"]),
             st.dash if math.isnan(d["paper_delta"]) else _signed(d["paper_delta"]),
         ])
+    if spec.paper_table is None:  # a spec of our own: no paper column
+        head, body = head[:-1], [row[:-1] for row in body]
     return head, body
 
 
-def _legend(err: str) -> str:
-    return (f"Cells: our mean ± {err} over seeds (n runs); paper: the published value; "
+def _legend(spec: ArtifactSpec, err: str) -> str:
+    paper = "paper: the published value; " if spec.paper_table is not None else ""
+    return (f"Cells: our mean ± {err} over seeds (n runs); {paper}"
             f"bold: the best mean of a column. Deltas pair runs by seed; p from a paired t-test "
             f"when n ≥ {MIN_SEEDS_FOR_TEST}.")
 
@@ -332,7 +335,7 @@ def _render_md(spec, cells, deltas, header, err) -> str:
     out += ["", f"### {_md_escape(spec.name)}: {_md_escape(spec.title)}", ""]
     head, body = _grid(spec, cells, st)
     out += _md_table(head, body)
-    out += ["", _md_escape(_legend(err))]
+    out += ["", _md_escape(_legend(spec, err))]
     if len(deltas):
         dhead, dbody = _delta_grid(spec, deltas, st)
         out += ["", f"#### LSM {st.minus} baseline, paired by seed", ""] + _md_table(dhead, dbody, n_left=5)
@@ -350,11 +353,11 @@ def _render_tex(spec, cells, deltas, header, err) -> str:
     st = _STYLES["tex"]
     out = [f"% {k}: {v}" for k, v in header]
     head, body = _grid(spec, cells, st)
-    out += _tex_table(head, body, f"{spec.title}. {_legend(err)}", f"tab:{spec.name}", "l" + "r" * (len(head) - 1))
+    out += _tex_table(head, body, f"{spec.title}. {_legend(spec, err)}", f"tab:{spec.name}", "l" + "r" * (len(head) - 1))
     if len(deltas):
         dhead, dbody = _delta_grid(spec, deltas, st)
         out += [""] + _tex_table(dhead, dbody, f"{spec.title}: LSM − baseline, paired by seed.",
-                                 f"tab:{spec.name}-deltas", "lllll" + "r" * 3)
+                                 f"tab:{spec.name}-deltas", "lllll" + "r" * (len(dhead) - 5))
     return "\n".join(out) + "\n"
 
 
@@ -373,7 +376,7 @@ def _render_html(spec, cells, deltas, header, err) -> str:
             f"<title>{esc(spec.name)}: {esc(spec.title)}</title>", "</head>", "<body>"]
     head, body = _grid(spec, cells, st)
     out += _html_table(head, body, f"{esc(spec.name)}: {esc(spec.title)}", spec.name)
-    out += [f"<p>{esc(_legend(err))}</p>"]
+    out += [f"<p>{esc(_legend(spec, err))}</p>"]
     if len(deltas):
         dhead, dbody = _delta_grid(spec, deltas, st)
         out += [f"<h4>LSM {st.minus} baseline, paired by seed</h4>"]

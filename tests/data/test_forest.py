@@ -255,6 +255,10 @@ def test_the_table_of_a_spec_without_paper_values_shows_ours_only():
     assert "| Supervised | 11.50 ± 0.71 (2) | **31.50** ± 0.71 (2) | — | — |" in md
     assert "| UBteacher + LSM | **13.50** ± 0.71 (2) |" in md
     assert re.search(r"; paper [0-9]", md) is None  # no paper value beside ours
+    assert "published" not in md and "Paper Δ" not in md  # nor a legend or a delta column for them
+    assert "| p (paired t) |\n" in md
+    tex = render(spec, results, fmt="tex", header=header)
+    assert "published" not in tex and "{lllllrr}" in tex
     csv = render(spec, results, fmt="csv", header=header)
     assert "paper-only" not in csv
 
