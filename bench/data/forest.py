@@ -39,7 +39,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 
+from bench.data import voc
 from bench.errors import BenchError
 
 REQUIREMENT = "deepforest==2.1.0"
@@ -138,40 +138,11 @@ def clip_to_tile(boxes: np.ndarray, window: tuple[int, int, int, int],
     return clipped.astype(np.float32), np.flatnonzero(keep), np.flatnonzero(overlaps & ~keep)
 
 
-def read_voc_boxes(xml: Path, class_map: dict[str, str] = CLASS_MAP) -> tuple[int, int, np.ndarray, list[str]]:
-    """(width, height, xyxy boxes in 0-based continuous pixels, mapped class names) of one VOC XML."""
-    try:
-        root = ET.parse(xml).getroot()
-    except FileNotFoundError:
-        raise BenchError(f"annotation {xml} does not exist; rerun `bench data fetch forest --force`") from None
-    except ET.ParseError as e:
-        raise BenchError(f"{xml}: malformed XML ({e}); rerun `bench data fetch forest --force`") from None
-
-    def number(node, tag: str, where: str) -> float:
-        child = node.find(tag) if node is not None else None
-        try:
-            return float(child.text)
-        except (AttributeError, TypeError, ValueError):
-            raise BenchError(f"{xml}: {where} lacks a numeric <{tag}>; fix the annotation XML") from None
-
-    size = root.find("size")
-    width, height = int(number(size, "width", "<size>")), int(number(size, "height", "<size>"))
-    boxes, names = [], []
-    for k, obj in enumerate(root.findall("object")):
-        name = (obj.findtext("name") or "").strip()
-        if name not in class_map:
-            raise BenchError(f"{xml}: object {k} has class {name!r}, not one of {', '.join(class_map)}; "
-                             "add it to CLASS_MAP in bench/data/forest.py or fix the XML")
-        bb = obj.find("bndbox")
-        where = f"object {k} ({name})"
-        x1, y1, x2, y2 = (number(bb, t, where) for t in ("xmin", "ymin", "xmax", "ymax"))
-        x1, y1 = max(x1 - 1.0, 0.0), max(y1 - 1.0, 0.0)  # 1-based inclusive -> 0-based continuous (voc.py)
-        x2, y2 = min(x2, float(width)), min(y2, float(height))
-        if x2 <= x1 or y2 <= y1:
-            raise BenchError(f"{xml}: {where} has an empty box after clipping to {width}x{height}; fix the box")
-        boxes.append((x1, y1, x2, y2))
-        names.append(class_map[name])
-    return width, height, np.array(boxes, dtype=np.float64).reshape(-1, 4), names
+def read_voc_boxes(xml: Path, class_map: dict[str, str] = CLASS_MAP) -> tuple[int, int, np.ndarray]:
+    """(width, height, xyxy boxes in 0-based continuous pixels) of one source XML (bench/data/voc.py's
+    reader; every name in `class_map` is a Tree)."""
+    width, height, boxes, _, _, _ = voc.read_annotation(xml, dict.fromkeys(class_map, 0))
+    return width, height, boxes
 
 
 def build_forest(source_dir: Path, out_dir: Path, sources: tuple[Source, ...] = SOURCES, tile: int = TILE_SIZE,
@@ -203,7 +174,7 @@ def build_forest(source_dir: Path, out_dir: Path, sources: tuple[Source, ...] = 
                       "source_boxes": 0, "lost": 0, "kept_twice": 0, "empty_tiles": 0} for s in ("train", "val")}
         for src in sources:
             png, xml = source_dir / f"{src.stem}.png", source_dir / f"{src.stem}.xml"
-            width, height, boxes, _ = read_voc_boxes(xml)
+            width, height, boxes = read_voc_boxes(xml)
             image = load_image(png)
             if image.size != (width, height):
                 raise BenchError(f"{png} is {image.size[0]}x{image.size[1]} but {xml} says {width}x{height}; "

@@ -48,6 +48,55 @@ def _float(node: ET.Element, tag: str, xml: Path, stem: str, where: str) -> floa
         raise BenchError(f"{xml}: {where} has non-numeric <{tag}> {raw!r}; fix the annotation XML") from None
 
 
+def read_annotation(xml: Path, label_of: dict[str, int], image: Path | None = None, stem: str | None = None):
+    """One VOC XML: (width, height, xyxy boxes in 0-based continuous pixels clipped to the image
+    (float64), labels, difficult flags, number of boxes clipped). A missing <size> is read from
+    `image`. Malformed files, unknown class names and empty boxes are one-line BenchErrors."""
+    stem = stem or xml.stem
+    try:
+        tree = ET.parse(xml).getroot()
+    except FileNotFoundError:
+        raise BenchError(f"{xml}: annotation of image {stem} does not exist; restore the file") from None
+    except ET.ParseError as e:
+        raise BenchError(f"{xml}: malformed XML for image {stem} ({e}); fix or re-download the file") from None
+    size = tree.find("size")
+    if size is not None and size.find("width") is not None:
+        W = _float(size, "width", xml, stem, "<size>")
+        H = _float(size, "height", xml, stem, "<size>")
+    else:  # a few hand-made VOC sets omit <size>: read it from the image header
+        if image is None or not image.is_file():
+            raise BenchError(f"{xml}: image {stem} has no <size> and {image} does not exist; add <size> or the image")
+        with Image.open(image) as im:
+            W, H = map(float, im.size)
+    if W <= 0 or H <= 0:
+        raise BenchError(f"{xml}: image {stem} has size {W:g}x{H:g}; fix <size>")
+    boxes, labels, crowd, clipped = [], [], [], 0
+    for k, obj in enumerate(tree.findall("object")):
+        cls = _text(obj, "name", xml, stem)
+        where = f"object {k} ({cls}) of image {stem}"
+        if cls not in label_of:
+            raise BenchError(f"{xml}: {where} has unknown class name {cls!r}, not one of {', '.join(label_of)}; "
+                             "fix the name or pass class names that include it")
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise BenchError(f"{xml}: {where} lacks <bndbox>; fix the annotation XML")
+        x1, y1, x2, y2 = (_float(bb, t, xml, stem, where) for t in ("xmin", "ymin", "xmax", "ymax"))
+        x1, y1 = x1 - 1.0, y1 - 1.0  # 1-based inclusive -> 0-based continuous (detectron2)
+        if x2 <= x1 or y2 <= y1:
+            raise BenchError(f"{xml}: {where} has empty or inverted box (xmin..xmax, ymin..ymax) = "
+                             f"({x1 + 1:g}..{x2:g}, {y1 + 1:g}..{y2:g}); fix the box")
+        c = (max(x1, 0.0), max(y1, 0.0), min(x2, W), min(y2, H))
+        if c[2] <= c[0] or c[3] <= c[1]:
+            raise BenchError(f"{xml}: {where} box lies outside the {W:g}x{H:g} image; fix the box or <size>")
+        clipped += c != (x1, y1, x2, y2)
+        diff_node = obj.find("difficult")
+        crowd.append(diff_node is not None and (diff_node.text or "0").strip() == "1")
+        boxes.append(c)
+        labels.append(label_of[cls])
+    return (int(W), int(H), np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(labels, dtype=np.int64),
+            np.array(crowd, dtype=bool), clipped)
+
+
 def load_voc(root: Path, image_set: str = "trainval", name: str | None = None,
              class_names: tuple[str, ...] | list[str] = VOC_CLASSES, check_images: bool = True) -> DetectionDataset:
     """Read ``root/ImageSets/Main/<image_set>.txt`` and its XML annotations.
@@ -81,50 +130,12 @@ def load_voc(root: Path, image_set: str = "trainval", name: str | None = None,
         if check_images and not file.is_file():
             raise BenchError(f"{file}: image {stem} listed in {list_file} does not exist; restore JPEGImages "
                              "or remove the line")
-        try:
-            tree = ET.parse(xml).getroot()
-        except ET.ParseError as e:
-            raise BenchError(f"{xml}: malformed XML for image {stem} ({e}); fix or re-download the file") from None
-        size = tree.find("size")
-        if size is not None and size.find("width") is not None:
-            W = _float(size, "width", xml, stem, "<size>")
-            H = _float(size, "height", xml, stem, "<size>")
-        else:  # a few hand-made VOC sets omit <size>: read it from the image header
-            if not file.is_file():
-                raise BenchError(f"{xml}: image {stem} has no <size> and {file} does not exist; add <size> or the image")
-            with Image.open(file) as im:
-                W, H = map(float, im.size)
-        if W <= 0 or H <= 0:
-            raise BenchError(f"{xml}: image {stem} has size {W:g}x{H:g}; fix <size>")
-        boxes, labels, crowd = [], [], []
-        for k, obj in enumerate(tree.findall("object")):
-            cls = _text(obj, "name", xml, stem)
-            where = f"object {k} ({cls}) of image {stem}"
-            if cls not in label_of:
-                raise BenchError(f"{xml}: {where} has unknown class name {cls!r}; fix the name or pass "
-                                 "class_names that include it")
-            bb = obj.find("bndbox")
-            if bb is None:
-                raise BenchError(f"{xml}: {where} lacks <bndbox>; fix the annotation XML")
-            x1, y1, x2, y2 = (_float(bb, t, xml, stem, where) for t in ("xmin", "ymin", "xmax", "ymax"))
-            x1, y1 = x1 - 1.0, y1 - 1.0  # 1-based inclusive -> 0-based continuous (detectron2)
-            if x2 <= x1 or y2 <= y1:
-                raise BenchError(f"{xml}: {where} has empty or inverted box (xmin..xmax, ymin..ymax) = "
-                                 f"({x1 + 1:g}..{x2:g}, {y1 + 1:g}..{y2:g}); fix the box")
-            c = (max(x1, 0.0), max(y1, 0.0), min(x2, W), min(y2, H))
-            if c[2] <= c[0] or c[3] <= c[1]:
-                raise BenchError(f"{xml}: {where} box lies outside the {W:g}x{H:g} image; fix the box or <size>")
-            clipped += c != (x1, y1, x2, y2)
-            diff_node = obj.find("difficult")
-            is_difficult = diff_node is not None and (diff_node.text or "0").strip() == "1"
-            difficult += is_difficult
-            boxes.append(c)
-            labels.append(label_of[cls])
-            crowd.append(is_difficult)
+        W, H, boxes, labels, crowd, n_clipped = read_annotation(xml, label_of, file, stem)
+        clipped += n_clipped
+        difficult += int(crowd.sum())
         records.append(ImageRecord(
             id=iid, file=file, width=int(W), height=int(H),
-            boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            labels=np.array(labels, dtype=np.int64), iscrowd=np.array(crowd, dtype=bool),
+            boxes=boxes.astype(np.float32), labels=labels, iscrowd=crowd,
             ann_ids=np.full(len(boxes), -1, dtype=np.int64),
         ))
     records.sort(key=lambda r: r.id)

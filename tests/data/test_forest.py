@@ -102,11 +102,11 @@ def test_boxes_are_clipped_and_kept_when_at_least_half_inside():
 
 def test_voc_boxes_are_read_one_based_and_mapped_to_tree(tmp_path):
     write_source(tmp_path, "s", 50, 40, [("Dead", (0, 0, 10, 12)), ("Alive", (5, 6, 50, 40))])
-    w, h, boxes, names = forest.read_voc_boxes(tmp_path / "s.xml")
-    assert (w, h) == (50, 40) and names == ["Tree", "Tree"]
+    w, h, boxes = forest.read_voc_boxes(tmp_path / "s.xml")
+    assert (w, h) == (50, 40)
     assert boxes.tolist() == [[0, 0, 10, 12], [5, 6, 50, 40]]  # xmin 1 -> 0: detectron2's VOC conversion
     write_source(tmp_path, "bird", 50, 40, [("Bird", (0, 0, 10, 10))])
-    with pytest.raises(BenchError, match="class 'Bird', not one of Tree, Dead, Alive"):
+    with pytest.raises(BenchError, match="class name 'Bird', not one of Tree, Dead, Alive"):
         forest.read_voc_boxes(tmp_path / "bird.xml")
 
 
