@@ -313,7 +313,8 @@ class StacAdapter(Adapter):
         pseudo_main, pseudo_pim = self.pseudo_targets(items, views)
         images_l, targets_l = batch_to_device(batch["labeled"], "weak", self.device)
         images_u = [v.image.to(self.device) for v in views]
-        hidden_gt = [{"boxes": v.boxes.to(self.device), "labels": v.labels.to(self.device)} for v in views]  # statistics only
+        # the views' hidden labels: pseudo-label statistics only
+        hidden_gt = [{"boxes": v.boxes.to(self.device), "labels": v.labels.to(self.device)} for v in views]
 
         fwd_l = self.student.train_forward(images_l, targets_l)
         fwd_u = self.student.train_forward(images_u, pseudo_main)

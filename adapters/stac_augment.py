@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from bench.data.coco import load_image
-from bench.data.transforms import (FILL, AugConfig, ResizeShortestEdge, View, boxes_in_view, random_geometric, to_tensor,
-                                   transform_boxes)
+from bench.data.transforms import (FILL, AugConfig, ResizeShortestEdge, View, boxes_in_view, random_geometric,
+                                   to_tensor, transform_boxes)
 
 COLOR_OPS = ("Identity", "AutoContrast", "Equalize", "Solarize", "Color", "Contrast", "Brightness",
              "Sharpness", "Posterize")
