@@ -280,7 +280,9 @@ def eval_cmd(
     from bench.data.sources import prepare_data
     from bench.worker import evaluate_models, resolve_device
 
-    rdir = _resolve_run(run, resolve_home(home))
+    from bench.paths import find_run_dir
+
+    rdir = find_run_dir(run, resolve_home(home))
     weights = rdir / "model_final.pth"
     cfg = RunConfig.model_validate(yaml.safe_load((rdir / "config.yaml").read_text()))
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
@@ -292,20 +294,6 @@ def eval_cmd(
         model.load_state_dict(state[name])
     for name, stats in evaluate_models(adapter, data, cfg, device).items():
         console.print(f"[bold]{name}[/bold]\n{stats.get('summary', stats)}")
-
-
-def _resolve_run(run: str, home: Path) -> Path:
-    """A finished run directory from a path or a key prefix under HOME/runs."""
-    rdir = Path(run)
-    if not rdir.is_dir():
-        matches = sorted((home / "runs").glob(f"*/{run}*"))
-        if len(matches) != 1:
-            raise BenchError(f"run '{run}' matches {len(matches)} run directories; give a longer key or a path")
-        rdir = matches[0]
-    weights = rdir / "model_final.pth"
-    if not weights.exists():
-        raise BenchError(f"{weights} does not exist; the run has not finished (rerun `bench train` to resume it)")
-    return rdir
 
 
 @data_app.command("synth")
@@ -436,79 +424,11 @@ def figure(ctx: typer.Context,
     if ctx.args:
         raise BenchError(f"figure samples takes no config overrides (got {' '.join(ctx.args)}); "
                          "choose the cell with --run")
+    from bench.report.samples import samples_figure
+
     png, csv = samples_figure(resolve_home(home), preset, run, images,
                               0.1 if score_thresh is None else score_thresh, out, invocation())
     console.print(f"figure: {png}  data: {csv}")
-
-
-def find_teacher_cell(home: Path, preset: str) -> Path:
-    """A finished ubteacher cell of `preset`: without LSM first, then the lowest ratio, seed, key."""
-    found = []
-    for path in sorted((home / "runs").glob("*/*/result.json")):
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if (r.get("method") == "ubteacher" and r.get("stage", "full") == "full" and r.get("preset") == preset
-                and (path.parent / "model_final.pth").exists()):
-            found.append(((bool(r.get("lsm")), float(r.get("ratio", 0)), int(r.get("seed", 0)), path.parent.name),
-                          path.parent))
-    if not found:
-        how = (f"`bench run {preset} --seeds 1`" if preset == "forest"
-               else f"`bench train --method ubteacher --preset {preset}`")
-        raise BenchError(f"no finished ubteacher cell of preset {preset} under {home / 'runs'}; run {how} first, "
-                         "or pass --run DIR")
-    return min(found)[1]
-
-
-def samples_figure(home: Path, preset: str, run: Optional[str], images: int, min_score: float, out: Path,
-                   command: str) -> tuple[Path, Path]:
-    """The samples figure of a finished cell (--run, or `find_teacher_cell`): its first evaluated
-    model (the teacher of a mean-teacher method) on `images` unlabeled images of its own split that
-    have ground truth, evenly spread over the id order."""
-    rdir = _resolve_run(run, home) if run else find_teacher_cell(home, preset)  # before the heavy imports
-
-    import numpy as np
-    import torch
-    import yaml
-
-    from adapters.base import get_adapter
-    from adapters.engine.inference import run_inference
-    from bench.config import RunConfig
-    from bench.data.coco import load_image
-    from bench.data.sources import prepare_data
-    from bench.report.figures import plot_samples, samples_frame, save
-    from bench.worker import aug_config, resolve_device
-
-    cfg = RunConfig.model_validate(yaml.safe_load((rdir / "config.yaml").read_text()))
-    data = prepare_data(cfg.data, home)
-    pool = [r for r in data.unlabeled.records if len(r.boxes)] or data.unlabeled.records
-    if not pool:
-        raise BenchError(f"cell {rdir.name[:12]} has no unlabeled images (data.ratio {cfg.data.ratio:g}); "
-                         "pass --run with a cell below 100% labels")
-    picks = [pool[i] for i in sorted({int(i) for i in np.linspace(0, len(pool) - 1, min(images, len(pool)))})]
-    device = resolve_device(cfg.device)
-    adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
-    state = torch.load(rdir / "model_final.pth", map_location="cpu", weights_only=True)
-    model_name, model = next(iter(adapter.eval_models().items()))
-    model.load_state_dict(state[model_name])
-    subset = data.unlabeled.subset([r.id for r in picks])
-    dets = {d["image_id"]: d for d in run_inference(model, subset, aug_config(cfg, strong=False), device)}
-    samples = []
-    for r in subset.records:
-        d = dets[r.id]
-        keep = d["scores"] >= min_score
-        samples.append({"image_id": r.id, "file": r.file, "image": np.asarray(load_image(r.file)), "gt": r.boxes,
-                        "boxes": d["boxes"][keep].numpy(), "scores": d["scores"][keep].numpy()})
-    alpha, t = cfg.lsm.alpha, cfg.semi.t
-    label = cfg.method + (" + LSM" if cfg.lsm.enabled else "")
-    title = (f"{model_name} of {label}, {cfg.data.ratio:g}% labels, seed {cfg.seed}, preset {cfg.preset} "
-             f"(cell {rdir.name[:12]})\ndetections with score ≥ {min_score:g} on unlabeled images")
-    fig = plot_samples(samples, alpha, t, title)
-    data_frame = samples_frame(samples, alpha, t).assign(cell=rdir.name, model=model_name, alpha=alpha, t=t)
-    out = Path(out)
-    png = out if out.suffix.lower() == ".png" else out / f"samples_{cfg.preset}.png"
-    return save(fig, data_frame, png, command)
 
 
 app.command("ui")(ui_cmd)

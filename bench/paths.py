@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bench.errors import BenchError
+
 
 def bench_home() -> Path:
     return Path(os.environ.get("BENCH_HOME", ".bench")).resolve()
@@ -13,3 +15,17 @@ def bench_home() -> Path:
 def run_dir(home: Path, key: str) -> Path:
     """One directory per cell, sharded by the first two hex digits of its key."""
     return Path(home) / "runs" / key[:2] / key
+
+
+def find_run_dir(run: str, home: Path) -> Path:
+    """A finished run directory from a path or a key prefix under HOME/runs."""
+    rdir = Path(run)
+    if not rdir.is_dir():
+        matches = sorted((home / "runs").glob(f"*/{run}*"))
+        if len(matches) != 1:
+            raise BenchError(f"run '{run}' matches {len(matches)} run directories; give a longer key or a path")
+        rdir = matches[0]
+    weights = rdir / "model_final.pth"
+    if not weights.exists():
+        raise BenchError(f"{weights} does not exist; the run has not finished (rerun `bench train` to resume it)")
+    return rdir

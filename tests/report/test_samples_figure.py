@@ -71,7 +71,7 @@ def plt_cmap():
 
 
 def test_no_trained_cell_says_what_to_run(tmp_path):
-    from bench.cli import find_teacher_cell
+    from bench.report.samples import find_teacher_cell
 
     with pytest.raises(BenchError, match=r"no finished ubteacher cell of preset forest .*run `bench run forest"):
         find_teacher_cell(tmp_path, "forest")
@@ -121,7 +121,7 @@ def _untrained_cell(tmp_path: Path, home: Path) -> Path:
 
 
 def test_samples_figure_of_an_untrained_teacher(tmp_path):
-    from bench.cli import find_teacher_cell, samples_figure
+    from bench.report.samples import find_teacher_cell, samples_figure
     from bench.config import DataConfig
 
     home = tmp_path / "home"
