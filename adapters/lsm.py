@@ -78,7 +78,7 @@ def kl_aux_to_main(main_logits: Tensor, aux_logits: Tensor) -> Tensor:
 
 
 class PIM:
-    """Computes L_pim (cls + reg) and L_sd for one student forward."""
+    """Computes L_pim (cls + reg) and L_sd for the student's forwards of one step."""
 
     def __init__(self, cfg_lsm, t: float, model_cfg):
         self.cfg = cfg_lsm
@@ -91,47 +91,71 @@ class PIM:
         """LSM's terms of Eq. 3, weighted: lambda_u * (pim_weight * L_pim + sd_weight * L_sd) on the
         unlabeled batch (pseudo-labels above alpha), plus pim_weight * L_pim on the labeled batch."""
         c = self.cfg
-        pim_u = self.losses(model, fwd_u, pseudo, sd=c.sd)
-        out = {"loss_pim_cls_unsup": lambda_u * c.pim_weight * pim_u["loss_pim_cls"],
-               "loss_pim_reg_unsup": lambda_u * c.pim_weight * pim_u["loss_pim_reg"]}
+        groups = [(fwd_u, pseudo, c.sd)] + ([(fwd_l, targets_l, False)] if c.pim_on_labeled else [])
+        pim = self.losses(model, groups)
+        out = {"loss_pim_cls_unsup": lambda_u * c.pim_weight * pim[0]["loss_pim_cls"],
+               "loss_pim_reg_unsup": lambda_u * c.pim_weight * pim[0]["loss_pim_reg"]}
         if c.sd:
-            out["loss_sd"] = lambda_u * c.sd_weight * pim_u["loss_sd"]
+            out["loss_sd"] = lambda_u * c.sd_weight * pim[0]["loss_sd"]
         if c.pim_on_labeled:
-            pim_l = self.losses(model, fwd_l, targets_l, sd=False)
-            out["loss_pim_cls_sup"] = c.pim_weight * pim_l["loss_pim_cls"]
-            out["loss_pim_reg_sup"] = c.pim_weight * pim_l["loss_pim_reg"]
+            out["loss_pim_cls_sup"] = c.pim_weight * pim[1]["loss_pim_cls"]
+            out["loss_pim_reg_sup"] = c.pim_weight * pim[1]["loss_pim_reg"]
         return out
 
-    def losses(self, model: FasterRCNN, fwd: TrainForward, targets: list[dict], sd: bool) -> dict[str, Tensor]:
-        """PIM losses for `targets` (boxes, labels, scores; already filtered at alpha).
+    def losses(self, model: FasterRCNN, groups: list[tuple[TrainForward, list[dict], bool]]) -> list[dict[str, Tensor]]:
+        """PIM losses of each group (main-branch forward, targets with scores already filtered at
+        alpha, whether to add L_sd); each group's losses are normalised on its own.
 
-        `fwd` is the main branch's forward on the same images: its RPN proposals and padded input
-        batch are reused.
+        Each group's forward gives its RPN proposals and padded input batch. The groups share one
+        head pass, and one half-size backbone pass when their batches have the same size: on small
+        images the cost is mostly per-call overhead.
         """
         heads = model.roi_heads
-        samples: RoISamples = heads.sample(fwd.proposals, targets)
-        features_d = model.backbone(downsample(fwd.images.tensors))
-        pooled, has_source = pool_by_level(shifted_features(features_d, self.cfg.pim_levels), samples.proposals,
-                                           self.canonical_scale, 7, self.sampling_ratio)
-        keep = torch.where(has_source)[0]  # RoIs of a level without a shifted source are excluded
-        labels = samples.labels[keep]
-        box_feats = heads.box_head(pooled[keep])
-        aux_logits = heads.aux_cls_score(box_feats)
-        _, deltas = heads.box_predictor(box_feats)  # the shared regression head R
-        n = max(len(samples.labels), 1)  # normalise by all sampled RoIs, like the main branch
-        out = {
-            "loss_pim_cls": heads.classification_loss(aux_logits, labels) * len(labels) / n,
-            "loss_pim_reg": heads.box_regression_loss(deltas, labels, samples.regression_targets[keep]) * len(labels) / n,
-        }
-        if sd:
-            mask = sd_mask(samples.matched_scores[keep], labels, heads.num_classes, self.cfg.alpha, self.t)
-            if mask.any():
-                props = _select(samples.proposals, keep[mask])  # ascending indices: same RoI order
-                main_logits = heads.box_predictor.cls_score(heads.box_features(fwd.features, props))
-                out["loss_sd"] = kl_aux_to_main(main_logits, aux_logits[mask])
-            else:
-                out["loss_sd"] = aux_logits.sum() * 0
+        samples: list[RoISamples] = [heads.sample(fwd.proposals, targets) for fwd, targets, _ in groups]
+        pooled, has_source = self._pool_shifted(model, [fwd.images.tensors for fwd, _, _ in groups],
+                                                [s.proposals for s in samples])
+        keep_all = torch.where(has_source)[0]  # RoIs of a level without a shifted source are excluded
+        box_feats = heads.box_head(pooled[keep_all])
+        aux_all = heads.aux_cls_score(box_feats)
+        _, deltas_all = heads.box_predictor(box_feats)  # the shared regression head R
+        out, start = [], 0
+        for (fwd, _, sd), s in zip(groups, samples):
+            n = len(s.labels)
+            in_group = (keep_all >= start) & (keep_all < start + n)
+            keep = keep_all[in_group] - start
+            start += n
+            labels, aux_logits, deltas = s.labels[keep], aux_all[in_group], deltas_all[in_group]
+            norm = max(n, 1)  # normalise by all sampled RoIs, like the main branch
+            terms = {
+                "loss_pim_cls": heads.classification_loss(aux_logits, labels) * len(labels) / norm,
+                "loss_pim_reg": heads.box_regression_loss(deltas, labels, s.regression_targets[keep]) * len(labels) / norm,
+            }
+            if sd:
+                mask = sd_mask(s.matched_scores[keep], labels, heads.num_classes, self.cfg.alpha, self.t)
+                if mask.any():
+                    props = _select(s.proposals, keep[mask])  # ascending indices: same RoI order
+                    main_logits = heads.box_predictor.cls_score(heads.box_features(fwd.features, props))
+                    terms["loss_sd"] = kl_aux_to_main(main_logits, aux_logits[mask])
+                else:
+                    terms["loss_sd"] = aux_logits.sum() * 0
+            out.append(terms)
         return out
+
+    def _pool_shifted(self, model: FasterRCNN, batches: list[Tensor], proposals: list[list[Tensor]]):
+        """(pooled RoIs, has_source) of every group's proposals, in order, from the shift-aligned
+        half-size pyramid. The batches go through the backbone together only where that changes
+        nothing: padding them to one size would change the features near their borders, and a
+        training-mode BatchNorm (the test trunk's) would mix their statistics."""
+        def pool(images: Tensor, props: list[Tensor]):
+            features_d = model.backbone(downsample(images))
+            return pool_by_level(shifted_features(features_d, self.cfg.pim_levels), props,
+                                 self.canonical_scale, 7, self.sampling_ratio)
+
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.backbone.modules())
+        if not batch_norm and all(b.shape[-2:] == batches[0].shape[-2:] for b in batches):
+            return pool(torch.cat(batches), [p for props in proposals for p in props])
+        parts = [pool(b, props) for b, props in zip(batches, proposals)]
+        return torch.cat([p for p, _ in parts]), torch.cat([h for _, h in parts])
 
 
 def _select(proposals: list[Tensor], flat_idx: Tensor) -> list[Tensor]:

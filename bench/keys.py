@@ -17,6 +17,9 @@ CODE_VERSION = {"supervised": 1, "ubteacher": 2, "stac": 2}
 # The detector code shared by every method. 2: frozen BN folded into the convs, channels-last
 # trunk (float rounding).
 DETECTOR_VERSION = 2
+# LSM's code, in the key of LSM cells only. 2: PIM's labeled and unlabeled groups share one
+# half-size backbone pass and one head pass (float rounding).
+LSM_VERSION = 2
 
 
 def cell_key(cfg, data) -> str:
@@ -28,4 +31,6 @@ def cell_key(cfg, data) -> str:
         "code": CODE_VERSION.get(cfg.method, 1),
         "detector": DETECTOR_VERSION,
     }
+    if cfg.lsm.enabled:
+        payload["lsm"] = LSM_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

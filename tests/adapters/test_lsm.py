@@ -128,3 +128,53 @@ def test_pseudo_label_precision_and_recall_by_size():
     # areas are compared in original-image pixels: a 2x-upscaled view has 4x the area
     half = pseudo_label_stats([pseudo], [gt], pixel_scale=[0.25])
     assert half["pl_recall_small"] == 1.0 and "pl_recall_large" not in half and half["pl_recall_medium"] == 0.0
+
+
+def test_pim_groups_share_one_pass_and_keep_their_own_losses():
+    """The labeled and unlabeled groups share the head pass (and the half-size backbone pass when
+    their batches have one size); each group's losses and their gradients equal those of the group
+    computed alone."""
+    from bench.config import LSMConfig
+    from adapters.lsm import PIM
+
+    torch.manual_seed(0)
+    model = build_faster_rcnn(tiny_cfg(), num_classes=2)
+    attach_aux_classifier(model)
+    model.train()
+    box = {"boxes": torch.tensor([[8.0, 8, 60, 50], [20, 30, 90, 100]]), "labels": torch.tensor([0, 1])}
+    pseudo = [{**box, "scores": torch.tensor([0.9, 0.6])}]  # 0.6 lies in (alpha, t): an SD RoI
+    pim = PIM(LSMConfig(enabled=True, alpha=0.5), t=0.7, model_cfg=tiny_cfg())
+    fwd_u = model.train_forward([torch.rand(3, 96, 128)], [box])
+    for labeled_size in ((128, 100), (96, 120)):  # padded to another size than fwd_u's / the same
+        fwd_l = model.train_forward([torch.rand(3, *labeled_size), torch.rand(3, 90, 90)], [box, box])
+        groups = [(fwd_u, pseudo, True), (fwd_l, [box, box], False)]
+        _check_groups(pim, model, groups, passes=2)  # the test trunk's BatchNorm uses batch statistics
+        for m in model.backbone.modules():  # frozen statistics, as the real trunks': one pass if one size
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+        _check_groups(pim, model, groups, passes=2 if labeled_size == (128, 100) else 1)
+        model.train()
+
+
+def _check_groups(pim, model, groups, passes: int):
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda *_: calls.append(1))
+
+    def run(together: bool):
+        torch.manual_seed(1)  # the RoI sampler draws: same draws in the same order
+        calls.clear()
+        out = pim.losses(model, groups) if together else [pim.losses(model, [g])[0] for g in groups]
+        if together:
+            assert len(calls) == passes
+        values = [{k: v.item() for k, v in o.items()} for o in out]
+        grads = torch.autograd.grad(sum(v for o in out for v in o.values()),
+                                    [model.roi_heads.aux_cls_score.weight], retain_graph=True)
+        return values, grads[0]
+
+    (joint, g_joint), (alone, g_alone) = run(True), run(False)
+    assert set(joint[0]) == {"loss_pim_cls", "loss_pim_reg", "loss_sd"} and set(joint[1]) == {"loss_pim_cls", "loss_pim_reg"}
+    assert joint[0]["loss_pim_cls"] > 0 and joint[1]["loss_pim_cls"] > 0
+    for j, a in zip(joint, alone):
+        assert j == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert torch.allclose(g_joint, g_alone, rtol=1e-4, atol=1e-6)
+    hook.remove()
