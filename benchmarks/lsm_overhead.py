@@ -1,11 +1,11 @@
 """LSM's training cost per method: one training step with and without LSM, same batch, same weights.
 
-    python benchmarks/lsm_overhead.py [--methods ubteacher,softteacher,pseco,stac] [--preset demo]
-                                      [--device cpu|cuda] [--iters 12] [overrides ...]
+    python benchmarks/lsm_overhead.py [--methods ubteacher,softteacher,pseco,stac,ddetr] [--preset demo]
+                                      [--device cpu|cuda] [--iters 12] [--clock wall|cpu] [overrides ...]
 
 Each method starts where its semi-supervised training starts: mean-teacher methods from their
-trained burn-in cell (student and teacher), STAC from its trained supervised teacher's
-pseudo-labels; those cells are trained once into --home and reused. Prints the step time of each
+trained burn-in cell (student and teacher), STAC and Deformable DETR (strategy stac) from the
+trained supervised teacher's pseudo-labels; those cells are trained once into --home and reused. Prints the step time of each
 variant, the ratio LSM / without (target <= 1.3) and the peak-memory ratio. Memory: on CUDA the
 peak allocated memory of the step; on CPU each variant runs in its own process and the increase of
 peak RSS during the steps (over the RSS after building the model and the batch) is compared.
@@ -33,9 +33,10 @@ from bench.data.sources import prepare_data
 from bench.worker import batch_stream, seed_everything
 
 
-METHODS = ("ubteacher", "softteacher", "pseco", "stac")
+METHODS = ("ubteacher", "softteacher", "pseco", "stac", "ddetr")
 # The table rows' own settings (bench/specs/table1.yaml), so each method runs as on Table 1.
-ROW_OVERRIDES = {"softteacher": ["semi.t=0.9", "model.cls_loss=ce"], "pseco": ["semi.t=0.5", "semi.lambda_u=2.0"]}
+ROW_OVERRIDES = {"softteacher": ["semi.t=0.9", "model.cls_loss=ce"], "pseco": ["semi.t=0.5", "semi.lambda_u=2.0"],
+                 "ddetr": ["ddetr.strategy=stac"]}
 
 
 def build(method: str, preset: str, lsm: bool, device: str, home: Path, overrides: list[str]):
@@ -90,7 +91,7 @@ def run_variant(args, lsm: bool) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = time_it(step, device, warmup=2, repeats=args.iters)
+    times = time_it(step, device, warmup=2, repeats=args.iters, clock=args.clock)
     if args.profile:  # where the time goes: the top ops of 3 more steps, to stderr
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
@@ -112,23 +113,29 @@ def main() -> None:
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=12)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: each step's process CPU time (CPU device only; robust on a busy machine)")
     ap.add_argument("--home", default=None, help="BENCH_HOME for the data and the start cells (default: a temp dir)")
     ap.add_argument("--variant", choices=["without", "lsm"], help="run one variant in this process and print JSON")
     ap.add_argument("--method", default="ubteacher", help="with --variant: the method")
     ap.add_argument("--profile", action="store_true", help="with --variant: print the top ops of 3 profiled steps")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        ap.error("--clock cpu measures CPU steps; use --device cpu or the default wall clock")
     args.home = args.home or tempfile.mkdtemp(prefix="bench-lsm-")
     if args.variant:
         print(json.dumps(run_variant(args, args.variant == "lsm")))
         return
-    print(f"preset {args.preset}, device {args.device}, {args.iters} steps per variant and process")
+    print(f"preset {args.preset}, device {args.device}, {args.iters} steps per variant and process, "
+          f"{args.clock} clock")
     rows, failed = [], []
     for method in args.methods.split(","):
         results = {}
         for variant in ("without", "lsm", "without", "lsm"):  # twice each, alternating, in fresh processes
             out = subprocess.run([sys.executable, __file__, "--variant", variant, "--method", method,
                                   "--preset", args.preset, "--device", args.device, "--iters", str(args.iters),
+                                  "--clock", args.clock,
                                   "--home", args.home, *args.overrides], capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{method} {variant} failed:\n{out.stderr[-3000:]}", flush=True)
