@@ -1,5 +1,5 @@
 """`bench`: the command line. Verbs: train, eval, plan, run, report, status, clean, study, figure, ui,
-data (synth | split | check | fetch), config.
+serve, data (synth | split | check | fetch), config.
 
 Bad input raises BenchError, printed as one line on stderr with exit code 2.
 """
@@ -144,17 +144,38 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
         fail_fast: bool = typer.Option(False, help="Stop scheduling after the first failure."),
         track: bool = typer.Option(True, help="Log to MLflow."),
         out: Path = typer.Option(Path("results"), help="Where the tables are written."),
+        executor_name: str = typer.Option("local", "--executor", help="local (worker processes here) or slurm "
+                                          "(submitit job arrays; docs/cluster.md)."),
+        gpus_per_cell: int = typer.Option(1, help="GPUs per cell (>1: one DDP process per GPU); slurm: 0 for CPU "
+                                          "cells."),
+        partition: Optional[str] = typer.Option(None, help="slurm: partition (default: the cluster's default)."),
+        time_limit: str = typer.Option("48:00:00", "--time", help="slurm: time limit of one full cell (burn-ins "
+                                       "get their share); a timed-out cell is requeued and resumes."),
+        cpus_per_cell: Optional[int] = typer.Option(None, help="slurm: CPUs per cell (default: the partition's)."),
+        array_parallelism: int = typer.Option(256, help="slurm: cells of one job array running at once."),
+        slurm_folder: Optional[Path] = typer.Option(None, help="slurm: where submitit's job files and logs go, a "
+                                                    "folder per submission (default BENCH_HOME/slurm; must be "
+                                                    "on the shared filesystem)."),
         home: Optional[Path] = HOME_OPT):
     """Run every cell of a table that is not done yet (cached cells cost nothing), then report."""
     from bench import tracking
     from bench.executors.local import LocalExecutor
 
+    if executor_name not in ("local", "slurm"):
+        raise BenchError(f"unknown executor '{executor_name}'; use --executor local or --executor slurm")
     home = resolve_home(home)
+    slurm = None
+    if executor_name == "slurm":  # before planning: a missing sbatch is reported at once
+        from bench.executors.slurm import SlurmExecutor
+
+        slurm = SlurmExecutor(partition=partition, gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell,
+                              time=time_limit, array_parallelism=array_parallelism, folder=slurm_folder,
+                              track=track)
     spec, cells, notes, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     nothing_to_run = all(c.status(home) == "done" for c in cells)
     if devices is None:
-        if nothing_to_run:
-            devices = "cpu"  # no need to import torch to look for GPUs
+        if nothing_to_run or slurm is not None:
+            devices = "cpu"  # no need to import torch to look for GPUs (Slurm's nodes have their own)
         else:
             import torch
 
@@ -162,9 +183,20 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
             devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
     if slots_per_device is None:
         slots_per_device = 1 if devices.startswith("cuda") else max(1, min(os.cpu_count() or 1, 4))
-    executor = LocalExecutor(devices.split(","), slots_per_device, track=track, prestart=not nothing_to_run)
+    if slurm is not None:
+        executor = slurm
+    elif gpus_per_cell > 1:
+        executor = LocalExecutor(devices.split(","), slots_per_device, track=track, prestart=not nothing_to_run,
+                                 gpus_per_cell=gpus_per_cell)
+    else:
+        executor = LocalExecutor(devices.split(","), slots_per_device, track=track, prestart=not nothing_to_run)
     command = invocation()
-    serve = track and not os.environ.get("MLFLOW_TRACKING_URI") and executor.slots > tracking.SQLITE_MAX_WORKERS
+    # a server on this machine's loopback is out of reach of Slurm's nodes: there, `bench serve mlflow`
+    serve = (track and slurm is None and not os.environ.get("MLFLOW_TRACKING_URI")
+             and executor.slots > tracking.SQLITE_MAX_WORKERS)
+    if track and slurm is not None and not os.environ.get("MLFLOW_TRACKING_URI") and not nothing_to_run:
+        console.print(f"[dim]Slurm workers log straight to {tracking.tracking_uri(home)}; with many cells at once "
+                      "run `bench serve mlflow` and export MLFLOW_TRACKING_URI (docs/cluster.md)[/dim]")
     with tracking.LocalServer(home) if serve else contextlib.nullcontext() as server:
         if server is not None:
             console.print(f"[dim]{executor.slots} workers: MLflow logging goes through {server.url} "
@@ -432,6 +464,134 @@ def figure(ctx: typer.Context,
 
 
 app.command("ui")(ui_cmd)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(service: str = typer.Argument(..., help="mlflow or optuna."),
+          backend_store: Optional[str] = typer.Option(
+              None, help="mlflow: the runs' database (default sqlite BENCH_HOME/mlflow.db; "
+              "postgresql+psycopg://... for a project); optuna: the studies' storage (default the journal file; "
+              "postgresql+psycopg://...)."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback is reachable by "
+                                   "whoever reaches this machine."),
+          port: Optional[int] = typer.Option(None, help="Port (default 5000 for mlflow, 8080 for optuna)."),
+          dashboard: bool = typer.Option(True, help="optuna: serve optuna-dashboard over the storage (the "
+                                         "`dashboard` extra); --no-dashboard only checks the storage."),
+          home: Optional[Path] = HOME_OPT):
+    """A project's tracking service for many workers (docs/cluster.md); Ctrl-C stops it.
+
+    mlflow: `mlflow server` over BENCH_HOME's store (or --backend-store), artifacts served from
+    BENCH_HOME/mlartifacts; prints the MLFLOW_TRACKING_URI line for the workers.
+
+    optuna: connects to the studies' storage (creating its tables), prints the --storage value for
+    `bench study ...`, then serves optuna-dashboard over it.
+    """
+    import socket
+
+    if service not in ("mlflow", "optuna"):
+        raise BenchError(f"unknown service '{service}'; use `bench serve mlflow` or `bench serve optuna`")
+    home = resolve_home(home)
+    port = port or (5000 if service == "mlflow" else 8080)
+    if host not in LOOPBACK:
+        err_console.print(f"[yellow]warning: listening on {host}: anyone who reaches this machine's port {port} can "
+                          "read and write this project's runs; keep it behind the cluster's access control[/yellow]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise BenchError(f"cannot listen on {host}:{port} ({err.strerror}); "
+                             "pass another --port or --host") from None
+    public = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+    if service == "mlflow":
+        _serve_mlflow(home, backend_store, host, public, port)
+    else:
+        _serve_optuna(home, backend_store, host, public, port, dashboard)
+
+
+def _serve_mlflow(home: Path, backend_store: Optional[str], host: str, public: str, port: int) -> None:
+    import time
+
+    from bench import tracking
+    from studies.ui import Service, _wait, stop
+
+    if backend_store and not backend_store.startswith("sqlite"):
+        _check_database(backend_store, "--backend-store")
+    log_dir = home / "serve"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    url = f"http://{public}:{port}"
+    service = Service("mlflow server", url, tracking.spawn_mlflow_server(
+        home, port, log_dir / "mlflow.log", host=host, backend_store=backend_store, serve_artifacts=True))
+    try:
+        _wait(Service(service.name, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health",
+                      service.process), time.time() + 90, log_dir)
+        store = backend_store or f"sqlite:///{home / 'mlflow.db'}"
+        console.print(f"MLflow: {url}  (runs: {_hide_password(store)}; artifacts: {home / 'mlartifacts'}; "
+                      f"log: {log_dir / 'mlflow.log'})")
+        console.print("workers and `bench run` log through it after:")
+        console.print(f"export MLFLOW_TRACKING_URI={url}", markup=False, highlight=False, soft_wrap=True)
+        console.print("Ctrl-C stops it")
+        while service.process.poll() is None:
+            time.sleep(0.5)
+        raise BenchError(f"mlflow server exited with code {service.process.returncode}; see {log_dir / 'mlflow.log'}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop([service])
+
+
+def _serve_optuna(home: Path, backend_store: Optional[str], host: str, public: str, port: int,
+                  dashboard: bool) -> None:
+    from studies.storage import default_url, is_rdb, open_storage
+    from studies.ui import dashboard_available
+
+    url = backend_store or default_url(home)
+    storage = open_storage(home, url)  # a BenchError naming the fix if the database is not reachable
+    shown = _hide_password(url)
+    console.print(f"Optuna storage: {shown} ({len(storage.get_all_studies())} studies)")
+    if not is_rdb(url):
+        console.print("[dim]a journal file: every worker must see it on the shared filesystem; for workers on "
+                      "several nodes a PostgreSQL URL (--backend-store postgresql+psycopg://...) adds "
+                      "heartbeats[/dim]")
+    console.print("studies use it with:")
+    console.print(f"bench study figure5 --storage '{shown}'", markup=False, highlight=False, soft_wrap=True)
+    if not dashboard:
+        return
+    if not dashboard_available():
+        raise BenchError("optuna-dashboard is not installed; pip install 'lsm-bench[dashboard]' or pass --no-dashboard")
+    from optuna_dashboard import run_server
+
+    console.print(f"optuna-dashboard: http://{public}:{port}  (Ctrl-C stops it)")
+    try:
+        run_server(storage, host=host, port=port)
+    except KeyboardInterrupt:
+        pass
+
+
+def _hide_password(url: str) -> str:
+    """A database URL as printed: user and host, never the password."""
+    if "://" not in url or url.startswith("sqlite"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _check_database(url: str, option: str) -> None:
+    """Connect once, so that a wrong URL is one line here rather than a server that dies at start."""
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(url).connect().close()
+    except ImportError as err:
+        raise BenchError(f"{option} {_hide_password(url)}: the database driver is missing ({err.name}); "
+                         "pip install 'psycopg[binary]' for postgresql+psycopg:// URLs") from None
+    except Exception as err:  # sqlalchemy's OperationalError, ArgumentError: a server that is not there, a bad URL
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BenchError(f"{option} {_hide_password(url)}: cannot connect ({first}); check the URL and that "
+                         "the server runs") from None
 
 
 def main() -> None:

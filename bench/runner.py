@@ -98,6 +98,12 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
                 queue = [q for q in queue if q[0].key not in failed_keys]
                 if queue and not executor.jobs and not any(ready(c) for c, _ in queue):  # a bug, not user input
                     raise RuntimeError(f"{len(queue)} cells wait for burn-in or teacher cells that are not scheduled")
+                if hasattr(executor, "submit_many"):  # a cluster executor: every ready cell at once (job arrays)
+                    picks = [q for q in queue if ready(q[0])][:executor.slots - len(executor.jobs)]
+                    if picks and not (fail_fast and failed):
+                        taken = {c.key for c, _ in picks}
+                        queue = [q for q in queue if q[0].key not in taken]
+                        executor.submit_many(picks, home, parent_run_id)
                 while executor.free_slot() is not None and not (fail_fast and failed):
                     pick = next((q for q in queue if ready(q[0])), None)
                     if pick is None:

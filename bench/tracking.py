@@ -133,15 +133,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_mlflow_server(home: Path, port: int, log: Path) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1:port over BENCH_HOME's sqlite store and artifact folder, in its
-    own process group (stop it with os.killpg: its uvicorn workers go with it)."""
+def spawn_mlflow_server(home: Path, port: int, log: Path, *, host: str = "127.0.0.1", backend_store: str | None = None,
+                        serve_artifacts: bool = False) -> subprocess.Popen:
+    """`mlflow server` on host:port (loopback unless the caller says otherwise) over BENCH_HOME's
+    sqlite store or `backend_store`, in its own process group (stop it with os.killpg: its uvicorn
+    workers go with it).
+
+    Artifacts live under BENCH_HOME/mlartifacts either way; with `serve_artifacts` the server also
+    proxies them (clients without the shared filesystem upload and download over HTTP)."""
     import sys
 
     home = Path(home).resolve()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-           "--default-artifact-root", (home / "mlartifacts").as_uri(), "--workers", "1"]
+    artifacts = (home / "mlartifacts").as_uri()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+           "--backend-store-uri", backend_store or f"sqlite:///{home / 'mlflow.db'}", "--workers", "1"]
+    if serve_artifacts:
+        cmd += ["--serve-artifacts", "--artifacts-destination", artifacts]
+    else:
+        cmd += ["--default-artifact-root", artifacts]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        # MLflow's security middleware answers only Host headers it knows (localhost, private IPs):
+        # add this machine's names, as the workers will write them in MLFLOW_TRACKING_URI
+        import socket
+
+        from mlflow.server.security_utils import get_default_allowed_hosts
+
+        names = sorted({host, socket.gethostname(), socket.getfqdn()} - {"0.0.0.0", "::"})
+        cmd += ["--allowed-hosts", ",".join(get_default_allowed_hosts() + names + [f"{n}:*" for n in names])]
     # the server's job runner (a pool of huey consumers, for GenAI jobs) is not needed to log runs
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with Path(log).open("a") as f:
