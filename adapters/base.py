@@ -82,6 +82,11 @@ class Adapter(ABC):
     def hooks(self) -> list:
         return []
 
+    def param_groups(self) -> list:
+        """What the optimizer trains: the student's parameters, or groups with their own lr
+        (Deformable DETR: trunk and sampling offsets at 0.1x)."""
+        return list(self.student.parameters())
+
     def unlabeled_start(self) -> int:
         """First iteration that reads unlabeled images (none are loaded before: burn-in is cheaper)."""
         return 0

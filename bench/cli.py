@@ -40,7 +40,7 @@ err_console = Console(stderr=True)
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    method: str = typer.Option("supervised", help="Method: supervised, ubteacher."),
+    method: str = typer.Option("supervised", help="Method: supervised, ubteacher, softteacher, pseco, stac, ddetr."),
     preset: str = typer.Option("demo", help="Preset in bench/presets (demo, demo_long, forest, coco, coco_additional, "
                                "voc, coco_imagenet)."),
     ratio: Optional[float] = typer.Option(None, help="Percent of training images that keep their labels."),

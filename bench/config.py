@@ -93,6 +93,9 @@ class ModelConfig(_Strict):
 
 
 class SolverConfig(_Strict):
+    # sgd: momentum SGD (every Faster R-CNN method); adamw: Deformable DETR's optimizer (betas
+    # 0.9/0.999, `weight_decay` decoupled). Part of a cell's key only when not sgd (key_dict).
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     max_iter: int = Field(180_000, ge=1)
     base_lr: float = Field(0.01, gt=0)
     momentum: float = 0.9
@@ -190,6 +193,47 @@ class PsecoConfig(_Strict):
     shear: float = Field(30.0, ge=0, lt=90)
 
 
+class DDETRConfig(_Strict):
+    """Deformable DETR (method `ddetr`, adapters/ddetr.py, docs/ddetr.md). The network is HF's
+    DeformableDetrModel with a torchvision trunk; matcher and loss weights are the official ones.
+    Its optimizer settings are the `solver` section, which presets set for ddetr under
+    `method_defaults.ddetr` (AdamW 2e-4, clip 0.1)."""
+
+    # supervised: labeled images only (Table 3's Omega); stac: labeled + offline pseudo-labels from
+    # the Faster R-CNN teacher cell; pretrain_finetune: pseudo-labeled unlabeled images first, then
+    # the labeled ones (Phi). LSM applies where pseudo-labels are learned.
+    strategy: Literal["supervised", "stac", "pretrain_finetune"] = "stac"
+    backbone: Literal["r50", "mobilenet_v2", "tiny"] = "r50"
+    backbone_weights: str = "imagenet"  # none | imagenet | mobilenet_v2_imagenet | path to a trunk state_dict
+    weights: str = "none"  # none | path to a full detector state_dict (loaded after the trunk)
+    trainable_layers: int = Field(3, ge=0, le=5)  # official: stem + layer1 frozen
+    d_model: int = Field(256, ge=32)
+    num_heads: int = Field(8, ge=1)
+    encoder_layers: int = Field(6, ge=1)
+    decoder_layers: int = Field(6, ge=1)
+    ffn_dim: int = Field(1024, ge=1)
+    n_points: int = Field(4, ge=1)
+    num_queries: int = Field(300, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    detections_per_img: int = Field(100, ge=1)
+    # official matcher costs and loss coefficients (ssod_methods.md 6.3); HF's defaults differ
+    class_cost: float = Field(2.0, ge=0)
+    bbox_cost: float = Field(5.0, ge=0)
+    giou_cost: float = Field(2.0, ge=0)
+    cls_loss_weight: float = Field(2.0, ge=0)
+    bbox_loss_weight: float = Field(5.0, ge=0)
+    giou_loss_weight: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    # learning rates relative to solver.base_lr: trunk 2e-5 / 2e-4, sampling offsets and
+    # reference points x 0.1 (official lr_backbone, lr_linear_proj_mult)
+    lr_backbone_mult: float = Field(0.1, ge=0)
+    lr_linear_proj_mult: float = Field(0.1, ge=0)
+    # stac: weight of the pseudo-labeled forward (the paper mixes both data sets: 1)
+    lambda_u: float = Field(1.0, ge=0)
+    # pretrain_finetune: the first fraction of solver.max_iter pre-trains on pseudo-labels
+    pretrain_fraction: float = Field(0.5, gt=0, lt=1)
+
+
 class MLCConfig(_Strict):
     """The `mlc` config section. Off by default: it adds one student forward per iteration."""
 
@@ -207,7 +251,7 @@ class EvalConfig(_Strict):
     area_scale: float = Field(1.0, gt=0)
 
 
-METHOD_SECTIONS = ("softteacher", "stac", "pseco")
+METHOD_SECTIONS = ("softteacher", "stac", "pseco", "ddetr")
 
 
 class RunConfig(_Strict):
@@ -228,6 +272,7 @@ class RunConfig(_Strict):
     softteacher: SoftTeacherConfig = SoftTeacherConfig()
     stac: StacConfig = StacConfig()
     pseco: PsecoConfig = PsecoConfig()
+    ddetr: DDETRConfig = DDETRConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
@@ -242,6 +287,8 @@ class RunConfig(_Strict):
         d.pop("device")
         d["solver"].pop("log_period")
         d["data"].pop("num_workers")
+        if d["solver"]["optimizer"] == "sgd":  # added later: cells of the SGD methods keep their keys
+            d["solver"].pop("optimizer")
         for method in METHOD_SECTIONS:  # other methods' settings do not change this cell
             if method != self.method:
                 d.pop(method)
@@ -317,6 +364,13 @@ def load_config(preset: str = "demo", overrides: list[str] | dict | None = None,
     data["preset"] = preset
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
+    # `method_defaults.<method>`: the preset's settings for one method (Deformable DETR's AdamW
+    # solver), applied under the overrides, so `solver.max_iter=...` still wins.
+    by_method = data.pop("method_defaults", None) or {}
+    method = fields.get("method") or (overrides or {}).get("method") or data.get("method", "supervised")
+    if not isinstance(by_method, dict) or not all(isinstance(v, dict) for v in by_method.values()):
+        raise BenchError(f"preset '{preset}': method_defaults must map method names to config sections")
+    data = _merge(data, by_method.get(method, {}))
     data = _merge(data, overrides or {})
     data = _merge(data, {k: v for k, v in fields.items() if v is not None})
     try:

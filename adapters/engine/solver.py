@@ -1,4 +1,4 @@
-"""SGD with linear warm-up and step decay (detectron2's WarmupMultiStepLR)."""
+"""SGD or AdamW with linear warm-up and step decay (detectron2's WarmupMultiStepLR)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import torch
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        [p for p in params if p.requires_grad],
-        lr=cfg.base_lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-    )
+    """`params`: tensors, or parameter groups (dicts with "params" and their own "lr", e.g.
+    Deformable DETR's trunk at 0.1x); `cfg.optimizer` picks momentum SGD or AdamW."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
+    if getattr(cfg, "optimizer", "sgd") == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(iteration: int, cfg) -> float:

@@ -110,7 +110,7 @@ def test_row_status():
     assert t1.row_status("supervised") == "implemented"
     assert t1.row_status("csd") == "paper-only"
     assert t1.row_status("softteacher_lsm") == t1.row_status("pseco") == t1.row_status("stac") == "implemented"
-    assert t3.row_status("ddetr_stac") == "paper-only"  # planned, no adapter yet
+    assert t3.row_status("ddetr_stac") == "implemented"
     assert t4.row_status("ubteacher_mlc") == t4.row_status("stac_mlc") == "implemented"
     assert t4.row_status("ubteacher_pim") == "implemented"
 
