@@ -185,11 +185,9 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
         slots_per_device = 1 if devices.startswith("cuda") else max(1, min(os.cpu_count() or 1, 4))
     if slurm is not None:
         executor = slurm
-    elif gpus_per_cell > 1:
+    else:
         executor = LocalExecutor(devices.split(","), slots_per_device, track=track, prestart=not nothing_to_run,
                                  gpus_per_cell=gpus_per_cell)
-    else:
-        executor = LocalExecutor(devices.split(","), slots_per_device, track=track, prestart=not nothing_to_run)
     command = invocation()
     # a server on this machine's loopback is out of reach of Slurm's nodes: there, `bench serve mlflow`
     serve = (track and slurm is None and not os.environ.get("MLFLOW_TRACKING_URI")

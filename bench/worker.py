@@ -3,6 +3,10 @@
 `run_cell` prepares the data, builds the adapter, resumes from the newest checkpoint of the cell's
 directory if there is one, trains, evaluates the models the adapter names, and writes
 `result.json` last and atomically: a cell with a result.json is done and never recomputed.
+
+With WORLD_SIZE > 1 in the environment (torchrun, `bench run --gpus-per-cell N`, a Slurm task)
+the cell is one DDP job of N processes: rank 0 makes the split, writes every file, logs to MLflow
+and evaluates; batch sizes are global; gradients are averaged (docs/runner.md, "Multi-GPU cells").
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 
 from adapters.base import get_adapter
-from adapters.engine.checkpoint import Checkpointer, set_rng_state
+from adapters.engine import distributed
+from adapters.engine.checkpoint import Checkpointer, rank_rng_state, set_rng_state
 from adapters.engine.hooks import EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressHook
 from adapters.engine.inference import run_inference
 from adapters.engine.solver import build_optimizer, build_scheduler
@@ -52,7 +57,7 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # two ranks may fail at once
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
     os.replace(tmp, path)
 
@@ -66,12 +71,15 @@ def aug_config(cfg: RunConfig, strong: bool) -> AugConfig:
 def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
     """{"labeled": items, "unlabeled": items} per iteration; a pure function of (seed, iteration).
 
-    Unlabeled items are None before `adapter.unlabeled_start()` (burn-in reads no unlabeled images)."""
+    Unlabeled items are None before `adapter.unlabeled_start()` (burn-in reads no unlabeled images).
+    Under DDP each rank gets its slice of the global batch (bench/data/loader.py)."""
     s = cfg.solver
     strong = "strong" in adapter.labeled_views + adapter.unlabeled_views
     aug = aug_config(cfg, strong)
+    part = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     labeled = make_loader(data.labeled, aug, adapter.labeled_views, s.ims_per_batch_labeled,
-                          seed=cfg.seed, start_iter=start_iter, max_iter=s.max_iter, num_workers=cfg.data.num_workers)
+                          seed=cfg.seed, start_iter=start_iter, max_iter=s.max_iter, num_workers=cfg.data.num_workers,
+                          **part)
     if not adapter.unlabeled_views:
         for items in labeled:
             yield {"labeled": items}
@@ -81,7 +89,7 @@ def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
     u_start = max(start_iter, adapter.unlabeled_start())
     unlabeled = iter(make_loader(data.unlabeled, aug, adapter.unlabeled_views, s.ims_per_batch_unlabeled,
                                  seed=cfg.seed + 7919, start_iter=u_start, max_iter=s.max_iter,
-                                 num_workers=cfg.data.num_workers))
+                                 num_workers=cfg.data.num_workers, **part))
     for it, items_l in enumerate(labeled, start_iter):
         yield {"labeled": items_l, "unlabeled": next(unlabeled) if it >= u_start else None}
 
@@ -122,75 +130,121 @@ def run_tags(cfg: RunConfig, key: str, data: SemiData) -> dict[str, str]:
 
 def run_cell(cfg: RunConfig, home: Path, *, track: bool = True, progress: bool = True,
              parent_run_id: str | None = None, extra_hooks: list | None = None) -> dict:
-    """Train + evaluate one configuration (or return its cached result). Returns result.json's dict."""
+    """Train + evaluate one configuration (or return its cached result). Returns result.json's dict.
+
+    With WORLD_SIZE > 1 in the environment this process is one rank of the cell's DDP job (every
+    rank calls run_cell and returns the same result); a group that already exists is used as is."""
     home = Path(home)
-    data = prepare_data(cfg.data, home)
+    created = distributed.env_world_size() > 1 and not distributed.is_distributed()
+    if created:
+        distributed.init_process_group(resolve_device(cfg.device))
+    # On an exception the group is left to the process's exit: other ranks may still be in a
+    # collective, and the launcher stops them.
+    result = _run_cell(cfg, home, track, progress, parent_run_id, extra_hooks)
+    if created:
+        distributed.teardown()
+    return result
+
+
+def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_run_id: str | None,
+              extra_hooks: list | None) -> dict:
+    if distributed.is_distributed():  # batch sizes are global: each rank reads global / N images
+        distributed.per_rank_batch(cfg.solver.ims_per_batch_labeled, "solver.ims_per_batch_labeled")
+        if get_adapter(cfg.method).unlabeled_views:
+            distributed.per_rank_batch(cfg.solver.ims_per_batch_unlabeled, "solver.ims_per_batch_unlabeled")
+    # The split is made once, by rank 0; the other ranks read its manifest (pitfall 2 of
+    # ssod_methods.md: per-process splits train each GPU on a different labeled subset).
+    data = distributed.main_first(lambda: prepare_data(cfg.data, home))
+    distributed.check_same(data.manifest.sha256, "the split manifest's sha256")
     key = cell_key(cfg, data)
     rdir = run_dir(home, key)
     result_path = rdir / "result.json"
-    if result_path.exists():
+    if distributed.broadcast_object(result_path.exists()):
         return json.loads(result_path.read_text())
     rdir.mkdir(parents=True, exist_ok=True)
     # One process per cell: a second one (e.g. a rerun while an orphaned worker of a killed
     # orchestrator still trains) waits here, then finds the result. The OS drops the lock when
-    # its holder dies, however it dies.
-    lock = (rdir / "lock").open("w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    # its holder dies, however it dies. Under DDP rank 0 holds it for the job.
+    lock = (rdir / "lock").open("w") if distributed.is_main() else None
+    if lock is not None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        if result_path.exists():
+        if distributed.broadcast_object(result_path.exists()):
             return json.loads(result_path.read_text())
         return _train_cell(cfg, home, data, key, rdir, track, progress, parent_run_id, extra_hooks)
     finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
 
 
 def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path, track: bool, progress: bool,
                 parent_run_id: str | None, extra_hooks: list | None) -> dict:
     result_path = rdir / "result.json"
-    (rdir / "config.yaml").write_text(dump_config(cfg))
-    (rdir / "failed.json").unlink(missing_ok=True)
+    main = distributed.is_main()  # under DDP only rank 0 writes files, logs and evaluates
+    if main:
+        (rdir / "config.yaml").write_text(dump_config(cfg))
+        (rdir / "failed.json").unlink(missing_ok=True)
 
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)  # every rank: identical initial weights
+    device = distributed.rank_device(resolve_device(cfg.device))
     adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
-    optimizer = build_optimizer(adapter.student.parameters(), cfg.solver)
+    optimizer = build_optimizer(adapter.param_groups(), cfg.solver)
     scheduler = build_scheduler(optimizer, cfg.solver)
     end_iter = cfg.semi.burn_in if cfg.stage == "burn_in" else cfg.solver.max_iter
     trainer = Trainer(adapter, optimizer, scheduler, None, 0, end_iter, device, amp=cfg.solver.amp,
-                      clip_grad_norm=cfg.solver.clip_grad_norm)
+                      clip_grad_norm=cfg.solver.clip_grad_norm, distributed=distributed.is_distributed())
 
     checkpointer = Checkpointer(rdir / "checkpoints")
     burn_in_from = None
-    if (latest := checkpointer.latest()) is not None:  # resume this cell
+    own_rng = False
+    if (latest := distributed.broadcast_object(checkpointer.latest())) is not None:  # resume this cell
         state = checkpointer.load(latest)
         trainer.load_state_dict(state)
-        set_rng_state(state["rng"])
+        if (rng := rank_rng_state(state)) is not None:
+            set_rng_state(rng)
+            own_rng = True
         trainer.start_iter = state["iteration"] + 1
     elif (bcfg := burn_in_config(cfg)) is not None:  # or start from its shared burn-in, if trained
         bdir = run_dir(home, cell_key(bcfg, data))
-        if (bdir / "result.json").exists():
+        if distributed.broadcast_object((bdir / "result.json").exists()):
             trainer.start_iter = burn_in.load(bdir / burn_in.CHECKPOINT, trainer)
             burn_in_from = bdir.name
+    if distributed.is_distributed():
+        # what DDP does at construction: every rank starts from rank 0's weights
+        distributed.broadcast_tensors([m.state_dict() for m in (adapter.student, getattr(adapter, "teacher", None))
+                                       if isinstance(m, torch.nn.Module)])
+        if distributed.rank() > 0 and not own_rng:  # its own RoI/anchor sampling stream
+            seed_everything(distributed.rank_seed(cfg.seed))
     if teacher_config(cfg) is not None:  # STAC: pseudo-labels from its supervised teacher cell
-        attach_pseudo_labels(adapter, cfg, home, data, device, track=track, progress=progress,
-                             parent_run_id=parent_run_id)
+        if distributed.is_distributed():  # every rank trains the teacher cell if it is not done
+            run_cell(teacher_config(cfg), home, track=track, progress=progress, parent_run_id=parent_run_id)
+        # rank 0 writes the pseudo-label file, the others read it
+        distributed.main_first(lambda: attach_pseudo_labels(adapter, cfg, home, data, device, track=track,
+                                                            progress=progress, parent_run_id=parent_run_id))
     trainer.iter = trainer.start_iter
     trainer.data = batch_stream(cfg, adapter, data, trainer.start_iter)
 
-    tracker = tracking.Tracker(home, enabled=track)
+    tracker = tracking.Tracker(home, enabled=track and main)
     run_id_file = rdir / "mlflow_run_id"
-    prior_run = run_id_file.read_text().strip() if (track and run_id_file.exists()) else None
+    prior_run = run_id_file.read_text().strip() if (track and main and run_id_file.exists()) else None
+    tags = run_tags(cfg, key, data)
+    if distributed.is_distributed():
+        tags["world_size"] = str(distributed.world_size())
     run_id = tracker.start(f"{cell_label(cfg)}-r{cfg.data.ratio:g}-s{cfg.seed}",
-                           run_tags(cfg, key, data), tracking.flatten(cfg.model_dump(mode="json")),
+                           tags, tracking.flatten(cfg.model_dump(mode="json")),
                            parent_run_id=parent_run_id, run_id=prior_run)
     if run_id:
         run_id_file.write_text(run_id)
 
     def periodic_eval(iteration: int) -> dict:
-        return evaluate_models(adapter, data, cfg, device)
+        results = evaluate_models(adapter, data, cfg, device) if main else {}
+        distributed.barrier()  # the other ranks wait while rank 0 evaluates
+        return results
 
     def log_eval(iteration: int, results: dict) -> None:
+        if not main:
+            return
         flat = _scalar_metrics(results)
         with (rdir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"iteration": iteration, **flat}) + "\n")
@@ -200,22 +254,24 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         *adapter.hooks(),
         PeriodicCheckpointer(checkpointer, cfg.solver.checkpoint_period),
         EvalHook(cfg.solver.eval_period, periodic_eval, log_eval),
-        MetricsWriter(rdir / "metrics.jsonl", tracker, cfg.solver.log_period),
-        ProgressHook(f"{cell_label(cfg)} r={cfg.data.ratio:g}% seed={cfg.seed}",
-                     enabled=progress),
+        *([MetricsWriter(rdir / "metrics.jsonl", tracker, cfg.solver.log_period),
+           ProgressHook(f"{cell_label(cfg)} r={cfg.data.ratio:g}% seed={cfg.seed}",
+                        enabled=progress)] if main else []),
         *(extra_hooks or []),
     ])
     t0 = time.perf_counter()
     try:
         trainer.train()
-        results = {} if cfg.stage == "burn_in" else evaluate_models(adapter, data, cfg, device)
+        results = {} if cfg.stage == "burn_in" or not main else evaluate_models(adapter, data, cfg, device)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StopTraining)) else "FAILED"
         if not isinstance(exc, (KeyboardInterrupt, StopTraining)):
             import traceback
 
             atomic_write_json(rdir / "failed.json", {"error": f"{type(exc).__name__}: {exc}",
-                                                      "traceback": traceback.format_exc(), "iteration": trainer.iter})
+                                                      "traceback": traceback.format_exc(), "iteration": trainer.iter,
+                                                      **({"rank": distributed.rank()} if distributed.is_distributed()
+                                                         else {})})
         tracker.end(status)
         raise
     result = {
@@ -224,6 +280,11 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         "train_seconds_this_session": time.perf_counter() - t0, "burn_in_from": burn_in_from,
         "mlflow_run_id": run_id,
     }
+    if distributed.is_distributed():
+        result["world_size"] = distributed.world_size()
+    if not main:
+        distributed.barrier()  # rank 0 evaluates and writes; then every rank returns its result.json
+        return json.loads(result_path.read_text())
     if cfg.stage == "burn_in":
         burn_in.save(rdir / burn_in.CHECKPOINT, trainer, end_iter - 1)
     else:
@@ -237,6 +298,7 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     tracker.log_artifact(rdir / "config.yaml")
     tracker.log_artifact(result_path)
     tracker.end("FINISHED")
+    distributed.barrier()
     return result
 
 

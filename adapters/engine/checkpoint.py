@@ -4,6 +4,10 @@ A checkpoint holds every module, the optimizer, the LR scheduler, the adapter's 
 every RNG state (python, numpy, torch CPU and CUDA). The data stream needs no state: the batch of
 iteration i is a pure function of (seed, i) (bench/data/loader.py), so resuming at i+1 only needs i.
 Files are written to a temporary name and renamed, so a kill never leaves a truncated checkpoint.
+
+Under DDP every rank calls `save` (the RNG states of all ranks are gathered: each rank samples its
+own RoIs and anchors) and rank 0 writes; on resume every rank loads the same file and takes its own
+RNG state (`rank_rng_state`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from adapters.engine import distributed
 
 
 def rng_state() -> dict:
@@ -43,10 +49,16 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, iteration: int, state: dict) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"iter_{iteration:07d}.pth"
+        rng = rng_state()
+        extra = {}
+        if distributed.is_distributed():  # a collective: every rank calls save, rank 0 writes
+            extra["rng_per_rank"] = distributed.all_gather_object(rng)
+            if not distributed.is_main():
+                return path
+        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"iteration": iteration, "rng": rng_state(), **state}, tmp)
+        torch.save({"iteration": iteration, "rng": rng, **state, **extra}, tmp)
         os.replace(tmp, path)
         marker = self.directory / "last_checkpoint"
         marker.with_suffix(".tmp").write_text(path.name)
@@ -66,6 +78,17 @@ class Checkpointer:
         # Checkpoints hold RNG states (numpy tuples), so they are not weights-only files; they are
         # only ever read from the run's own directory.
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rank_rng_state(state: dict) -> dict | None:
+    """This rank's RNG state from a checkpoint: its own under the same number of processes,
+    rank 0's ("rng") in a single process; None for another rank of a different process count."""
+    per_rank = state.get("rng_per_rank")
+    if not distributed.is_distributed():
+        return state["rng"]
+    if per_rank is not None and len(per_rank) == distributed.world_size():
+        return per_rank[distributed.rank()]
+    return state["rng"] if distributed.is_main() else None
 
 
 def named_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler) -> dict:

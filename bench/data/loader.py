@@ -4,6 +4,10 @@ The batch of iteration ``i`` is a pure function of ``(n, batch_size, seed, i)``:
 the concatenation of per-epoch permutations ``default_rng([seed, epoch]).permutation(n)`` and every
 sample carries its own augmentation seed. Resuming at iteration k therefore needs no saved sampler
 state and reproduces exactly what an uninterrupted run would have fed, with any number of workers.
+
+Under DDP (`world_size` > 1) ``batch_size`` stays the global batch and rank r reads the contiguous
+slice ``[r * b, (r + 1) * b)`` of it (b = batch_size / world_size): the union over the ranks of
+iteration i is exactly the batch a 1-process run reads, augmentation seeds included.
 """
 
 from __future__ import annotations
@@ -66,19 +70,33 @@ class ViewDataset(Dataset):
         return {"image_id": int(record.id), "views": views, "record": record}
 
 
-class IterationBatchSampler(Sampler):
-    """Yields ``sample_indices`` for iterations ``start_iter .. max_iter-1``."""
+def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s part of a global batch: a contiguous slice of batch_size / world_size items."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise BenchError(f"rank {rank} of {world_size} processes is out of range; check RANK and WORLD_SIZE")
+    if batch_size % world_size:
+        raise BenchError(f"the global batch of {batch_size} images is not divisible by {world_size} processes; "
+                         f"set the batch size to a multiple of {world_size}")
+    b = batch_size // world_size
+    return slice(rank * b, (rank + 1) * b)
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_iter: int, max_iter: int):
+
+class IterationBatchSampler(Sampler):
+    """Yields ``sample_indices`` for iterations ``start_iter .. max_iter-1`` (this rank's slice)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_iter: int, max_iter: int,
+                 rank: int = 0, world_size: int = 1):
         if start_iter < 0 or max_iter < start_iter:
             raise BenchError(f"iteration range {start_iter}..{max_iter} is empty or negative; "
                              "check start/max iteration (resume point beyond max_iter?)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_iter, self.max_iter = start_iter, max_iter
+        self.part = rank_slice(batch_size, rank, world_size) if world_size > 1 else None
 
     def __iter__(self):
         for it in range(self.start_iter, self.max_iter):
-            yield sample_indices(self.n, self.batch_size, self.seed, it)
+            batch = sample_indices(self.n, self.batch_size, self.seed, it)
+            yield batch if self.part is None else batch[self.part]
 
     def __len__(self) -> int:
         return self.max_iter - self.start_iter
@@ -90,9 +108,11 @@ def list_collate(items: list[dict]) -> list[dict]:
 
 
 def make_loader(dataset: DetectionDataset, aug_cfg: AugConfig, views: tuple[str, ...], batch_size: int,
-                seed: int, start_iter: int, max_iter: int, num_workers: int = 0) -> DataLoader:
-    """DataLoader over iterations ``start_iter..max_iter-1`` (one batch per iteration)."""
-    sampler = IterationBatchSampler(len(dataset.records), batch_size, seed, start_iter, max_iter)
+                seed: int, start_iter: int, max_iter: int, num_workers: int = 0,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
+    """DataLoader over iterations ``start_iter..max_iter-1`` (one batch per iteration; under DDP
+    this rank's slice of the global ``batch_size``)."""
+    sampler = IterationBatchSampler(len(dataset.records), batch_size, seed, start_iter, max_iter, rank, world_size)
     return DataLoader(ViewDataset(dataset, aug_cfg, views), batch_sampler=sampler, collate_fn=list_collate,
                       num_workers=num_workers, persistent_workers=False, pin_memory=False,
                       # its own generator: creating the iterator must not draw from the global torch

@@ -10,6 +10,12 @@ every cell. Each cell still runs in a process of its own (a crash, NaN or kill s
 its own session (Ctrl-C reaches the orchestrator only), with its output in the cell's worker.log.
 As with any multiprocessing program, a script that calls the runner must guard its entry point
 with `if __name__ == "__main__":` (the workers import the main module); `bench` does.
+
+With `gpus_per_cell` N > 1 a slot is N devices (on CPU: N processes on the shared cores) and a
+cell is one DDP job: N worker processes with torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR=127.0.0.1, a free MASTER_PORT). The job ends when all N have exited; its exit code is
+that of the first rank to fail, whose siblings are then stopped (they would otherwise wait in a
+collective). Rank 0 logs to worker.log, rank r > 0 to worker.rank<r>.log.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from bench.errors import BenchError
+from bench.executors import worker_argv, write_cell_config
 
 _CONTEXT = None
 
@@ -54,9 +61,26 @@ def _worker(argv: list[str], log: str, env: dict[str, str], threads: int | None)
 class Job:
     cell: object
     slot: int
-    process: multiprocessing.process.BaseProcess
-    log: Path
+    process: multiprocessing.process.BaseProcess  # rank 0's under DDP
+    log: Path  # under DDP, set to the log of the first rank that failed
     attempts: int = 1
+    processes: list = field(default_factory=list)  # every rank's, rank order (DDP); empty: `process` only
+    failure: int | None = None  # exit code of the first rank that failed
+
+    def exitcode(self) -> int | None:
+        """None while a rank runs; else 0, or the first failing rank's code."""
+        procs = self.processes or [self.process]
+        for r, p in enumerate(procs):
+            if p.exitcode not in (None, 0) and self.failure is None:
+                self.failure = p.exitcode
+                if self.processes:
+                    self.log = self.log.with_name("worker.log" if r == 0 else f"worker.rank{r}.log")
+                for q in procs:  # its siblings would wait in a collective until the timeout
+                    if q.exitcode is None:
+                        q.terminate()
+        if any(p.exitcode is None for p in procs):
+            return None
+        return self.failure if self.failure is not None else 0
 
 
 @dataclass
@@ -65,16 +89,32 @@ class LocalExecutor:
     slots_per_device: int = 1
     track: bool = True
     prestart: bool = True  # False when nothing will run (a cached table): no fork server at all
+    gpus_per_cell: int = 1  # > 1: each cell is a DDP job over that many devices (CPU: processes)
     jobs: dict[int, Job] = field(default_factory=dict)
 
     def __post_init__(self):
+        self._groups = self._device_groups()
         if self.prestart:  # its imports then overlap with planning instead of delaying the first cell
             _context()
             multiprocessing.forkserver.ensure_running()
 
+    def _device_groups(self) -> list[list[str]]:
+        """The devices of each cell: one each; with gpus_per_cell N, consecutive N-tuples of GPUs,
+        and each CPU entry hosts N processes."""
+        n = self.gpus_per_cell
+        if n < 1:
+            raise BenchError(f"--gpus-per-cell {n} must be >= 1")
+        if n == 1:
+            return [[d] for d in self.devices]
+        gpus = [d for d in self.devices if d.startswith("cuda")]
+        if len(gpus) % n:
+            raise BenchError(f"--gpus-per-cell {n} needs the GPUs in groups of {n}, got {len(gpus)} "
+                             f"({','.join(gpus)}); list a multiple of {n} devices with --devices")
+        return [[d] for d in self.devices if not d.startswith("cuda")] + [gpus[i:i + n] for i in range(0, len(gpus), n)]
+
     @property
     def slots(self) -> int:
-        return len(self.devices) * self.slots_per_device
+        return len(self._groups) * self.slots_per_device
 
     def free_slot(self) -> int | None:
         for s in range(self.slots):
@@ -82,9 +122,24 @@ class LocalExecutor:
                 return s
         return None
 
+    def _ddp_env(self, slot: int, port: int) -> tuple[list[dict[str, str]], int | None]:
+        """(environment of each rank, CPU threads per rank) of a DDP slot."""
+        group = self._groups[slot // self.slots_per_device]
+        n = self.gpus_per_cell
+        env = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        threads = max(1, (os.cpu_count() or 1) // (self.slots * n))
+        env["OMP_NUM_THREADS"] = str(threads)
+        if group[0].startswith("cuda"):
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            indices = [d.split(":")[1] if ":" in d else "0" for d in group]
+            if visible:  # slots index into the user's own list
+                indices = [visible.split(",")[int(i)] for i in indices]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(indices)  # rank r trains on cuda:LOCAL_RANK = its r-th
+        return [{**env, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(n)], threads
+
     def _env(self, slot: int) -> tuple[dict[str, str], int | None]:
         """(environment updates, CPU threads) of a slot's worker."""
-        device = self.devices[slot // self.slots_per_device]
+        device = self._groups[slot // self.slots_per_device][0]
         if device.startswith("cuda"):
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             index = device.split(":")[1] if ":" in device else "0"
@@ -97,21 +152,25 @@ class LocalExecutor:
     def submit(self, cell, home: Path, parent_run_id: str | None, attempts: int = 1) -> Job:
         slot = self.free_slot()
         assert slot is not None, "submit called without a free slot"
+        device = "cuda" if self._groups[slot // self.slots_per_device][0].startswith("cuda") else "cpu"
+        argv = worker_argv(write_cell_config(cell, home, device), home, parent_run_id, self.track)
         rdir = cell.directory(home)
-        rdir.mkdir(parents=True, exist_ok=True)
-        device = "cuda" if self.devices[slot // self.slots_per_device].startswith("cuda") else "cpu"
-        cfg = cell.config.model_copy(update={"device": device})
-        (rdir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        argv = [str(rdir / "config.yaml"), "--home", str(home)]
-        if parent_run_id:
-            argv += ["--parent-run-id", parent_run_id]
-        if not self.track:
-            argv.append("--no-track")
         log = rdir / "worker.log"
-        env, threads = self._env(slot)
-        proc = _context().Process(target=_worker, args=(argv, str(log), env, threads), daemon=False)
-        proc.start()
-        job = Job(cell, slot, proc, log, attempts)
+        if self.gpus_per_cell > 1:
+            from bench.tracking import free_port
+
+            envs, threads = self._ddp_env(slot, free_port())
+            procs = [_context().Process(target=_worker, daemon=False,
+                                        args=(argv, str(log if r == 0 else rdir / f"worker.rank{r}.log"), env, threads))
+                     for r, env in enumerate(envs)]
+            for p in procs:
+                p.start()
+            job = Job(cell, slot, procs[0], log, attempts, processes=procs)
+        else:
+            env, threads = self._env(slot)
+            proc = _context().Process(target=_worker, args=(argv, str(log), env, threads), daemon=False)
+            proc.start()
+            job = Job(cell, slot, proc, log, attempts)
         self.jobs[slot] = job
         return job
 
@@ -119,7 +178,7 @@ class LocalExecutor:
         """Jobs that ended since the last call, with their exit codes."""
         ended = []
         for slot, job in list(self.jobs.items()):
-            rc = job.process.exitcode
+            rc = job.exitcode()
             if rc is not None:
                 ended.append((job, rc))
                 del self.jobs[slot]
@@ -127,10 +186,11 @@ class LocalExecutor:
 
     def cancel(self) -> None:
         """Stop every running worker (they resume from their checkpoints next time)."""
-        for job in self.jobs.values():
-            job.process.terminate()
-        for job in self.jobs.values():
-            job.process.join(timeout=30)
-            if job.process.exitcode is None:
-                job.process.kill()
+        procs = [p for job in self.jobs.values() for p in (job.processes or [job.process])]
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(timeout=30)
+            if p.exitcode is None:
+                p.kill()
         self.jobs.clear()
