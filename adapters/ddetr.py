@@ -104,11 +104,7 @@ class DeformableDetrAdapter(Adapter):
 
     def attach_pseudo_labels(self, pseudo: PseudoLabels) -> None:
         """STAC's stage-2 file (called by the worker, bench/teacher.py); a supervised DDETR ignores it."""
-        lowest = min(self.t, self.lsm.alpha) if self.lsm.enabled else self.t
-        if lowest < pseudo.score_floor:
-            raise BenchError(f"the pseudo-label file keeps scores above {pseudo.score_floor} only, but this run "
-                             f"filters at {lowest}; raise semi.t / lsm.alpha or regenerate the file with a lower "
-                             "model.score_thresh")
+        pseudo.check_covers(min(self.t, self.lsm.alpha) if self.lsm.enabled else self.t, "semi.t / lsm.alpha")
         self.pseudo_labels = pseudo
 
     def unlabeled_start(self) -> int:

@@ -82,6 +82,13 @@ class PseudoLabels:
     def __getitem__(self, image_id: int) -> dict[str, Tensor]:
         return self.targets[int(image_id)]
 
+    def check_covers(self, lowest: float, thresholds: str) -> None:
+        """A run that filters at `lowest` needs every detection above it stored."""
+        if lowest < self.score_floor:
+            raise BenchError(f"the pseudo-label file keeps scores above {self.score_floor} only, but this run "
+                             f"filters at {lowest}; raise {thresholds} or regenerate the file with a lower "
+                             "model.score_thresh")
+
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -269,11 +276,7 @@ class StacAdapter(Adapter):
             self.pim = PIM(cfg.lsm, self.stac.tau, cfg.model)
 
     def attach_pseudo_labels(self, pseudo: PseudoLabels) -> None:
-        lowest = min(self.stac.tau, self.lsm.alpha) if self.pim else self.stac.tau
-        if lowest < pseudo.score_floor:
-            raise BenchError(f"the pseudo-label file keeps scores above {pseudo.score_floor} only, but this run "
-                             f"filters at {lowest}; raise stac.tau / lsm.alpha or regenerate the file with a "
-                             "lower model.score_thresh")
+        pseudo.check_covers(min(self.stac.tau, self.lsm.alpha) if self.pim else self.stac.tau, "stac.tau / lsm.alpha")
         self.pseudo_labels = pseudo
 
     def unlabeled_start(self) -> int:

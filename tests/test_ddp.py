@@ -21,6 +21,7 @@ from bench.config import load_config
 from bench.errors import BenchError
 from bench.worker import run_cell
 from tests.conftest import TINY
+from tests.test_worker import StopAfter
 
 # Every image fits one 64x64 canvas, so padding (which changes the features near an image's
 # border) is the same in a rank's half batch as in the global batch.
@@ -67,15 +68,6 @@ class Recorder(HookBase):
         if hasattr(a, "teacher"):
             models["teacher"] = a.teacher.state_dict()
         _SAVE({"steps": self.steps, "models": models}, self.path)
-
-
-class StopAfter(HookBase):
-    def __init__(self, n):
-        self.n = n
-
-    def after_step(self):
-        if self.trainer.iter + 1 == self.n:
-            raise StopTraining()
 
 
 _SAVE = torch.save
