@@ -486,8 +486,12 @@ def serve(service: str = typer.Argument(..., help="mlflow or optuna."),
     optuna: connects to the studies' storage (creating its tables), prints the --storage value for
     `bench study ...`, then serves optuna-dashboard over it.
     """
+    import signal
     import socket
 
+    # Ctrl-C (SIGINT) stops the service even where it was started in the background by a shell,
+    # which leaves SIGINT ignored (`nohup bench serve mlflow &`, then `kill -INT`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if service not in ("mlflow", "optuna"):
         raise BenchError(f"unknown service '{service}'; use `bench serve mlflow` or `bench serve optuna`")
     home = resolve_home(home)

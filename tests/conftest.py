@@ -26,3 +26,11 @@ TINY = [
 def tiny():
     """`load_config`-ready overrides for a 6-iteration run on 24 synthetic 64 px images."""
     return list(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_stays_in_its_test(monkeypatch):
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ: without this, a
+    test's store would become every later test's (and their workers')."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")

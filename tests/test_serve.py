@@ -60,7 +60,11 @@ def _start(args, home, until: str, timeout=120):
 
 def _interrupt(proc) -> int:
     proc.send_signal(signal.SIGINT)
-    return proc.wait(timeout=60)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # never leave a server behind
+        proc.kill()
+        raise
 
 
 def test_serve_mlflow_on_loopback_logs_runs_and_serves_artifacts(tmp_path):

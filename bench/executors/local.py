@@ -41,13 +41,18 @@ def _context():
     return _CONTEXT
 
 
-def _worker(argv: list[str], log: str, env: dict[str, str], threads: int | None) -> None:
-    """Body of a worker process: its own session and log, the slot's device, then `bench.worker`."""
+def _worker(argv: list[str], log: str, env: dict[str, str | None], threads: int | None) -> None:
+    """Body of a worker process: its own session and log, the slot's device, then `bench.worker`.
+    `env`: variables to set, or to unset where None."""
     os.setsid()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    os.environ.update(env)  # CUDA_VISIBLE_DEVICES is read when CUDA initialises, after this
+    for name, value in env.items():  # CUDA_VISIBLE_DEVICES is read when CUDA initialises, after this
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     if threads:
         import torch
 
@@ -156,19 +161,23 @@ class LocalExecutor:
         argv = worker_argv(write_cell_config(cell, home, device), home, parent_run_id, self.track)
         rdir = cell.directory(home)
         log = rdir / "worker.log"
+        # The fork server's environment is the one it started with; where the runs go is the
+        # orchestrator's now (`bench run` may have started an MLflow server since).
+        tracking = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")}
         if self.gpus_per_cell > 1:
             from bench.tracking import free_port
 
             envs, threads = self._ddp_env(slot, free_port())
             procs = [_context().Process(target=_worker, daemon=False,
-                                        args=(argv, str(log if r == 0 else rdir / f"worker.rank{r}.log"), env, threads))
+                                        args=(argv, str(log if r == 0 else rdir / f"worker.rank{r}.log"),
+                                              {**env, **tracking}, threads))
                      for r, env in enumerate(envs)]
             for p in procs:
                 p.start()
             job = Job(cell, slot, procs[0], log, attempts, processes=procs)
         else:
             env, threads = self._env(slot)
-            proc = _context().Process(target=_worker, args=(argv, str(log), env, threads), daemon=False)
+            proc = _context().Process(target=_worker, args=(argv, str(log), {**env, **tracking}, threads), daemon=False)
             proc.start()
             job = Job(cell, slot, proc, log, attempts)
         self.jobs[slot] = job
