@@ -15,9 +15,14 @@ SD (Eq. 7). For PIM RoIs matched (IoU >= 0.5) to a pseudo-label with score in (a
 classifier's prediction on the full-resolution features is fit to F_aux's by a KL divergence
 KL(p_aux || p_main); neither side is detached, so the two classifiers learn from each other.
 
+Ignore region (`lsm.ignore_uncertain`, default on, as the authors' code). RoIs whose best match
+(IoU >= 0.5) among the pseudo-boxes above alpha is one the main branch does not train on (score in
+(alpha, t]) are left out of the main branch's RoI classification loss: trained as background there,
+they would fight SD, which pulls the same RoIs toward F_aux's foreground (`uncertain_rois`).
+
 Choices the paper leaves open (docs/lsm.md): F_aux starts as a copy of F_main at the end of
 burn-in; PIM also trains on the labeled batch's ground truth (`pim_on_labeled`); `pim_weight`
-0.5 and `sd_weight` 0.2 follow the authors' partial code (ssod_methods.md 7.2).
+0.5 and `sd_weight` 0.2 follow the authors' partial code.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from adapters.models.faster_rcnn import FasterRCNN, RoISamples, TrainForward, pool_by_level
 
@@ -75,6 +81,41 @@ def kl_aux_to_main(main_logits: Tensor, aux_logits: Tensor) -> Tensor:
     log_p_main = F.log_softmax(main_logits, dim=-1)
     log_p_aux = F.log_softmax(aux_logits, dim=-1)
     return (log_p_aux.exp() * (log_p_aux - log_p_main)).sum(-1).mean()
+
+
+def uncertain_marks(pseudo_alpha: list[dict], t: float) -> list[dict]:
+    """PIM's pseudo-boxes (score > alpha) with `certain` = the main branch trains on them (score > t):
+    the candidates of `uncertain_rois` for the mean-teacher methods."""
+    return [{"boxes": p["boxes"], "certain": p["scores"] > t} for p in pseudo_alpha]
+
+
+@torch.no_grad()
+def uncertain_rois(rois: list[Tensor], candidates: list[dict], iou_thr: float = 0.5) -> Tensor:
+    """(R,) bool over the concatenated per-image RoIs: the main branch's ignore region.
+
+    `candidates[i]` = image i's pseudo-boxes above alpha together with the main branch's own,
+    {"boxes", "certain"}. A RoI is uncertain when its highest-IoU candidate (ties and threshold as
+    the RoI head's matcher: IoU >= 0.5) is not certain, i.e. a pseudo-box scored in (alpha, t]. This
+    includes a RoI that also overlaps a certain box at IoU >= 0.5 less than the uncertain one: in the
+    authors' code each RoI inherits the score of its best-overlapping pseudo-box.
+    """
+    out = [torch.zeros(0, dtype=torch.bool)]
+    for r, c in zip(rois, candidates):
+        if len(c["boxes"]) == 0 or len(r) == 0:
+            out.append(torch.zeros(len(r), dtype=torch.bool, device=r.device))
+            continue
+        best, idx = box_iou(c["boxes"].to(r), r).max(dim=0)
+        out.append((best >= iou_thr) & ~c["certain"].to(r.device)[idx])
+    return torch.cat([o.to(out[-1].device) for o in out])
+
+
+def main_cls_loss(heads, logits: Tensor, labels: Tensor, ignore: Tensor) -> Tensor:
+    """The main branch's RoI classification loss without the ignored RoIs, normalised by the RoIs
+    kept (the ignored ones are treated as if they had not been sampled)."""
+    if not ignore.any():
+        return heads.classification_loss(logits, labels)
+    keep = ~ignore
+    return heads.classification_loss(logits[keep], labels[keep])
 
 
 class PIM:

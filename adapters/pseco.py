@@ -21,6 +21,7 @@ Per iteration after burn-in (ssod_methods.md 4.2):
 Read off `training_step` (LSM paper Eq. 3 with PseCo's unsupervised terms):
     L = L_sup + lambda_u * ramp * (L_rpn + L_cls + L_reg^PCV + L_rpn^v2 + L_cls^v2 + L_reg^PCV,v2
                                    [+ mlc_weight * L_mlc] [+ pim_weight * L_pim + sd_weight * L_sd])
+With LSM, L_cls and L_cls^v2 leave out the RoIs of pseudo-boxes scored in (alpha, t] (`lsm.ignore_uncertain`).
 docs/pseco.md lists every difference from the original.
 """
 
@@ -40,6 +41,7 @@ from torchvision.ops import sigmoid_focal_loss
 from adapters import mlc
 from adapters.base import MeanTeacherAdapter, StepOutput, register
 from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
+from adapters.lsm import main_cls_loss, uncertain_marks, uncertain_rois
 from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads, RoISamples, TrainForward,
                                          pool_by_level)
 from adapters.softteacher import (SoftTeacherEMAHook, map_boxes, map_pseudo_labels, select, student_view,
@@ -294,10 +296,13 @@ class PseCo(MeanTeacherAdapter):
         return TeacherOutput(image_list.image_sizes, dets, proposals, list(refined.split(n)), list(scores.split(n)))
 
     def student_unsup(self, images: list[Tensor], rpn_set: list[dict], cls_set: list[dict], proposals: list[Tensor],
-                      refined: list[Tensor], scores: list[Tensor]) -> tuple[dict, TrainForward, Tensor, int]:
+                      refined: list[Tensor], scores: list[Tensor],
+                      candidates: list[dict] | None = None) -> tuple[dict, TrainForward, Tensor, int, Tensor]:
         """Unweighted unsupervised losses on the student view; `proposals`, `refined`, `scores` are
-        the teacher's, mapped into the student view. Returns losses, the forward (for PIM), the PCV
-        weights and PLA's number of positives before sampling."""
+        the teacher's, mapped into the student view. With LSM's ignore-region `candidates`
+        (adapters/lsm.py) the uncertain RoIs are left out of both views' RoI classification. Returns
+        losses, the forward (for PIM), the PCV weights, PLA's number of positives before sampling and
+        the ignored-RoI mask."""
         model, heads, pc = self.student, self.student.roi_heads, self.pc
         image_list, features = model.extract(images)
         rpn_cls, rpn_loc = rpn_loss(model.rpn, image_list, list(features.values()), model.rpn.anchor_generator, rpn_set)
@@ -308,21 +313,26 @@ class PseCo(MeanTeacherAdapter):
         box_feats = heads.box_features(features, samples.proposals)
         logits, deltas = heads.box_predictor(box_feats)
         weights = pcv_weights(heads, deltas, samples, [t["boxes"] for t in cls_set])
+        ignored = torch.zeros_like(samples.labels, dtype=torch.bool)
+        if candidates is not None:
+            ignored = uncertain_rois(samples.proposals, candidates)
         losses = {
             "loss_rpn_cls": rpn_cls,
             "loss_rpn_loc": rpn_loc,
-            "loss_cls": heads.classification_loss(logits, samples.labels),
+            "loss_cls": main_cls_loss(heads, logits, samples.labels, ignored),
             "loss_box_reg": pcv_regression_loss(deltas, samples.labels, samples.regression_targets, weights,
                                                 heads.num_classes),
         }
         if pc.msl:
-            losses.update(self.msl_losses(image_list, samples, weights, rpn_set))
+            losses.update(self.msl_losses(image_list, samples, weights, rpn_set, ignored))
         fwd = TrainForward(losses, image_list, features, proposals, samples, box_feats, logits, deltas)
-        return losses, fwd, weights, sum(int((a >= 0).sum()) for a in assigned)
+        return losses, fwd, weights, sum(int((a >= 0).sum()) for a in assigned), ignored
 
-    def msl_losses(self, image_list, samples: RoISamples, weights: Tensor, rpn_set: list[dict]) -> dict:
+    def msl_losses(self, image_list, samples: RoISamples, weights: Tensor, rpn_set: list[dict],
+                   ignored: Tensor | None = None) -> dict:
         """View 2: the 0.5x student view's shifted pyramid with the full view's anchors, pseudo-boxes,
-        RoIs, targets and PCV weights. RoIs of the full view's P2 have no source and count as zero."""
+        RoIs, targets and PCV weights. RoIs of the full view's P2 have no source and count as zero;
+        `ignored` RoIs (LSM's ignore region) are left out of its classification, as in view 1."""
         model, heads = self.student, self.student.roi_heads
         shifted = shifted_maps(model.backbone(downsample(image_list.tensors)))
         rpn_cls, rpn_loc = rpn_loss(model.rpn, image_list, list(shifted.values()), self.v2_anchors, rpn_set)
@@ -332,10 +342,16 @@ class PseCo(MeanTeacherAdapter):
         logits, deltas = heads.box_predictor(heads.box_head(pooled[keep]))
         labels, n = samples.labels, max(len(samples.labels), 1)
         factor = pcv_factor(weights, labels, heads.num_classes)
+        if ignored is not None and ignored.any():
+            counted = ~ignored[keep]
+            loss_cls = heads.classification_loss(logits[counted], labels[keep][counted]) * int(counted.sum()) \
+                / max(int((~ignored).sum()), 1)
+        else:
+            loss_cls = heads.classification_loss(logits, labels[keep]) * len(keep) / n
         return {
             "loss_rpn_cls_v2": rpn_cls,
             "loss_rpn_loc_v2": rpn_loc,
-            "loss_cls_v2": heads.classification_loss(logits, labels[keep]) * len(keep) / n,
+            "loss_cls_v2": loss_cls,
             "loss_box_reg_v2": pcv_regression_loss(deltas, labels[keep], samples.regression_targets[keep],
                                                    weights[keep], heads.num_classes, factor, n),
         }
@@ -356,8 +372,11 @@ class PseCo(MeanTeacherAdapter):
         refined = [map_boxes(r, m, s) for r, m, s in zip(teacher_out.refined, to_student, sizes_s)]
         rpn_set = select(pseudo, [p["scores"] > pc.rpn_thr for p in pseudo])
         cls_set = select(pseudo, [p["scores"] > semi.t for p in pseudo])
-        unsup, fwd_u, weights, n_pos = self.student_unsup(images_s, rpn_set, cls_set, proposals, refined,
-                                                          teacher_out.scores)
+        pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo]) if self.pim is not None else None
+        # LSM's ignore region: the RoIs of pseudo-boxes scored in (alpha, t] (adapters/lsm.py)
+        candidates = uncertain_marks(pseudo_pim, semi.t) if self.pim is not None and lsm.ignore_uncertain else None
+        unsup, fwd_u, weights, n_pos, ignored = self.student_unsup(images_s, rpn_set, cls_set, proposals, refined,
+                                                                   teacher_out.scores, candidates)
         ramp = unsup_ramp(iteration, semi.burn_in, pc.unsup_warmup)
         lambda_u = semi.lambda_u * ramp  # PIM and MLC ramp up with PseCo's own unsupervised terms
         losses.update({f"{k}_unsup": lambda_u * v for k, v in unsup.items()})
@@ -365,8 +384,9 @@ class PseCo(MeanTeacherAdapter):
 
         metrics = self._metrics(items, teacher_out, hidden_gt, fwd_u, weights, n_pos)
         metrics["unsup_ramp"] = ramp
+        if candidates is not None:
+            metrics["lsm_ignored_rois_per_img"] = int(ignored.sum()) / max(len(items), 1)
         if self.pim is not None:
-            pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo])
             losses.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_pim, fwd_l, targets_l, lambda_u))
         return StepOutput(losses, metrics)
 
@@ -378,7 +398,7 @@ class PseCo(MeanTeacherAdapter):
         scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in items]
         area = self.cfg.eval.area_scale
         metrics = pseudo_label_stats(filter_pseudo_labels(dets, self.cfg.semi.t), hidden_gt, scale, area, prefix="pl")
-        if self.pim is not None:
+        if self.pim is not None or self.lsm.alpha >= self.pc.initial_score_thr:  # detections kept above alpha
             metrics.update(pseudo_label_stats(filter_pseudo_labels(dets, self.lsm.alpha), hidden_gt, scale, area,
                                               prefix="pl_alpha"))
         metrics["pla_pos_per_img"] = n_pos / max(len(items), 1)

@@ -17,6 +17,7 @@ Per iteration after burn-in (ssod_methods.md 3.1; the original has burn_in 0):
 
 Read off `training_step` (LSM paper Eq. 3 with Soft Teacher's unsupervised terms):
     L = L_sup + lambda_u * (L_rpn + L_cls^soft + L_reg + pim_weight * L_pim + sd_weight * L_sd)
+With LSM, the RoIs of pseudo-boxes scored in (alpha, t] weigh 0 in L_cls^soft (`lsm.ignore_uncertain`).
 
 The data pipeline's views share one geometry (bench/worker.py builds `weak` and a photometric
 `strong` copy of it), so the student view is built here from the original image: its own
@@ -38,6 +39,7 @@ from torchvision.ops import boxes as box_ops
 from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
 from adapters.engine.ema import ema_update
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
+from adapters.lsm import uncertain_marks, uncertain_rois
 from adapters.models.faster_rcnn import FasterRCNN, TrainForward
 from bench.config import SoftTeacherConfig
 from bench.data.coco import load_image
@@ -267,9 +269,12 @@ class SoftTeacher(MeanTeacherAdapter):
         return F.softmax(logits, dim=-1)[:, -1]
 
     def student_unsup(self, images: list[Tensor], rpn_set: list[dict], cls_set: list[dict], reg_set: list[dict],
-                      teacher_out: TeacherOutput, to_teacher: list[np.ndarray]) -> tuple[dict, TrainForward, Tensor]:
+                      teacher_out: TeacherOutput, to_teacher: list[np.ndarray],
+                      candidates: list[dict] | None = None) -> tuple[dict, TrainForward, Tensor, Tensor]:
         """Unweighted unsupervised losses on the student view: RPN (rpn set), soft-teacher RoI
-        classification (cls set), RoI regression from its own sampling (reg set)."""
+        classification (cls set), RoI regression from its own sampling (reg set). With LSM's
+        ignore-region `candidates` (adapters/lsm.py) the uncertain RoIs weigh 0 in the classification.
+        Returns the losses, the forward, the RoI weights and the ignored-RoI mask."""
         model, heads = self.student, self.student.roi_heads
         image_list, features = model.extract(images)
         proposals, rpn_losses = model.rpn(image_list, features, [{"boxes": t["boxes"]} for t in rpn_set])
@@ -278,6 +283,10 @@ class SoftTeacher(MeanTeacherAdapter):
         logits, deltas = heads.box_predictor(box_feats)
         weights = soft_weights(samples.labels, self.teacher_background(teacher_out, samples.proposals, to_teacher),
                                heads.num_classes)
+        ignored = torch.zeros_like(samples.labels, dtype=torch.bool)
+        if candidates is not None:
+            ignored = uncertain_rois(samples.proposals, candidates)
+            weights = torch.where(ignored, torch.zeros_like(weights), weights)
         if any(len(t["boxes"]) for t in reg_set):
             reg = heads.sample(proposals, reg_set)
             _, reg_deltas = heads.box_predictor(heads.box_features(features, reg.proposals))
@@ -291,7 +300,7 @@ class SoftTeacher(MeanTeacherAdapter):
             "loss_box_reg": loss_reg,
         }
         fwd = TrainForward(losses, image_list, features, proposals, samples, box_feats, logits, deltas)
-        return losses, fwd, weights
+        return losses, fwd, weights, ignored
 
     def training_step(self, iteration: int, batch: dict) -> StepOutput:
         losses, fwd_l, targets_l = self.supervised_terms(batch)
@@ -306,19 +315,24 @@ class SoftTeacher(MeanTeacherAdapter):
         teacher_out = self.pseudo_label(images_t)
         pseudo = map_pseudo_labels(teacher_out.detections, to_student, [tuple(img.shape[-2:]) for img in images_s])
         sets = split_pseudo_labels(pseudo, st.initial_score_thr, st.rpn_thr, semi.t, st.reg_unc_thr)
-        unsup, fwd_u, weights = self.student_unsup(images_s, sets["rpn"], sets["cls"], sets["reg"], teacher_out,
-                                                   to_teacher)
+        pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo]) if self.pim is not None else None
+        # LSM's ignore region: the RoIs of pseudo-boxes scored in (alpha, t] (adapters/lsm.py)
+        candidates = uncertain_marks(pseudo_pim, semi.t) if self.pim is not None and lsm.ignore_uncertain else None
+        unsup, fwd_u, weights, ignored = self.student_unsup(images_s, sets["rpn"], sets["cls"], sets["reg"],
+                                                            teacher_out, to_teacher, candidates)
         losses.update({f"{k}_unsup": semi.lambda_u * v for k, v in unsup.items()})
 
-        metrics = self._metrics(items, teacher_out, hidden_gt, fwd_u, weights)
+        metrics = self._metrics(items, teacher_out, hidden_gt, fwd_u, weights, ignored)
+        if candidates is not None:
+            metrics["lsm_ignored_rois_per_img"] = int(ignored.sum()) / max(len(items), 1)
         if self.pim is not None:
-            pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo])
             losses.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_pim, fwd_l, targets_l, semi.lambda_u))
         return StepOutput(losses, metrics)
 
-    def _metrics(self, items, teacher_out: TeacherOutput, hidden_gt, fwd_u: TrainForward, weights: Tensor) -> dict:
-        """Pseudo-label quality (teacher view, against the hidden labels) of the cls and reg sets
-        (and the alpha set with LSM), mean box uncertainty, mean soft background weight."""
+    def _metrics(self, items, teacher_out: TeacherOutput, hidden_gt, fwd_u: TrainForward, weights: Tensor,
+                 ignored: Tensor) -> dict:
+        """Pseudo-label quality (teacher view, against the hidden labels) of the cls, reg and alpha
+        sets, mean box uncertainty, mean soft background weight (of the RoIs not ignored)."""
         dets = teacher_out.detections
         scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in items]
         area = self.cfg.eval.area_scale
@@ -326,13 +340,13 @@ class SoftTeacher(MeanTeacherAdapter):
         st = self.st
         reg = split_pseudo_labels(dets, st.initial_score_thr, st.rpn_thr, self.cfg.semi.t, st.reg_unc_thr)["reg"]
         metrics.update(pseudo_label_stats(reg, hidden_gt, scale, area, prefix="pl_reg"))
-        if self.pim is not None:
+        if self.pim is not None or self.lsm.alpha >= self.st.initial_score_thr:  # detections kept above alpha
             metrics.update(pseudo_label_stats(filter_pseudo_labels(dets, self.lsm.alpha), hidden_gt, scale, area,
                                               prefix="pl_alpha"))
         unc = torch.cat([d["unc"][torch.isfinite(d["unc"])] for d in dets])
         if len(unc):
             metrics["pl_box_unc_mean"] = float(unc.mean())
-        bg = fwd_u.samples.labels == self.num_classes
+        bg = (fwd_u.samples.labels == self.num_classes) & ~ignored
         if bg.any():
             metrics["soft_bg_weight_mean"] = float(weights[bg].mean())
         return metrics

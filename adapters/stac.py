@@ -12,7 +12,9 @@ Three stages (ssod_methods.md 5.1):
 Read off `training_step` (STAC, + LSM's Eq. 3 terms when `lsm.enabled`):
     L = 1/2 L_sup + 1/2 lambda_u (L_unsup + pim_weight L_pim + sd_weight L_sd) + 1/2 pim_weight L_pim^labeled
 The 1/2 is the original's mean over its two forwards (labeled, unlabeled); `average_forwards=false`
-drops it. L_unsup has all four detector losses (RPN cls/loc, RoI cls/reg) on the pseudo-boxes.
+drops it. L_unsup has all four detector losses (RPN cls/loc, RoI cls/reg) on the pseudo-boxes; with
+LSM its RoI classification leaves out the RoIs of pseudo-boxes above alpha that STAC's main branch
+does not keep (`lsm.ignore_uncertain`, adapters/lsm.py).
 docs/stac.md lists every difference from the original.
 """
 
@@ -32,6 +34,7 @@ from torch import Tensor
 from adapters import mlc
 from adapters.base import Adapter, StepOutput, batch_to_device, register
 from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
+from adapters.lsm import main_cls_loss, uncertain_rois
 from adapters.stac_augment import stac_view
 from bench.data.transforms import View, transform_boxes
 from bench.data.types import DetectionDataset
@@ -50,11 +53,7 @@ def select_pseudo_labels(target: dict, threshold: float, keep_top_box: bool = Tr
     """STAC's filter on one image's stored detections {boxes, labels, scores}: keep score >=
     min(threshold, top score) with `keep_top_box` (boxes tied with the top score all survive),
     score >= threshold without. An image without detections stays empty."""
-    scores = target["scores"]
-    cut = threshold
-    if keep_top_box and len(scores):
-        cut = min(threshold, float(scores.max()))
-    keep = scores >= cut
+    keep = target["scores"] >= main_cut(target["scores"], threshold, keep_top_box)
     return {k: v[keep] for k, v in target.items()}
 
 
@@ -297,23 +296,27 @@ class StacAdapter(Adapter):
                           np.random.default_rng([self.cfg.seed, STRONG_VIEW_SALT, iteration, j]))
                 for j, it in enumerate(items)]
 
-    def pseudo_targets(self, items: list[dict], views: list[View]) -> tuple[list[dict], list[dict]]:
-        """Per unlabeled item: main-branch pseudo-boxes (STAC's tau + top-box rule) and PIM's (score
-        > lsm.alpha; empty without LSM), selected on the stored scores, then mapped into its view."""
-        st, main, pim = self.stac, [], []
+    def pseudo_targets(self, items: list[dict], views: list[View]) -> tuple[list[dict], list[dict], list[dict]]:
+        """Per unlabeled item, mapped into its view: the main branch's pseudo-boxes (STAC's tau + top-box
+        rule), those with score > lsm.alpha (PIM's; logged without LSM too) and LSM's ignore-region
+        candidates (both sets, `certain` = in the main set), selected on the stored scores."""
+        st, main, alpha, candidates = self.stac, [], [], []
         for it, v in zip(items, views):
             stored = self._stored(it)
             main.append(_to(boxes_into_view(select_pseudo_labels(stored, st.tau, st.keep_top_box), v), self.device))
-            if self.pim is not None:
-                pim.append(_to(boxes_into_view(filter_pseudo_labels([stored], self.lsm.alpha)[0], v), self.device))
-        return main, pim
+            alpha.append(_to(boxes_into_view(filter_pseudo_labels([stored], self.lsm.alpha)[0], v), self.device))
+            cut = main_cut(stored["scores"], st.tau, st.keep_top_box)
+            both = boxes_into_view({k: x[(stored["scores"] > self.lsm.alpha) | (stored["scores"] >= cut)]
+                                    for k, x in stored.items()}, v)
+            candidates.append(_to({"boxes": both["boxes"], "certain": both["scores"] >= cut}, self.device))
+        return main, alpha, candidates
 
     def training_step(self, iteration: int, batch: dict) -> StepOutput:
         self.student.train()
         st = self.stac
         items = batch["unlabeled"]
         views = self.strong_views(items, iteration)
-        pseudo_main, pseudo_pim = self.pseudo_targets(items, views)
+        pseudo_main, pseudo_alpha, candidates = self.pseudo_targets(items, views)
         images_l, targets_l = batch_to_device(batch["labeled"], "weak", self.device)
         images_u = [v.image.to(self.device) for v in views]
         # the views' hidden labels: pseudo-label statistics only
@@ -321,20 +324,33 @@ class StacAdapter(Adapter):
 
         fwd_l = self.student.train_forward(images_l, targets_l)
         fwd_u = self.student.train_forward(images_u, pseudo_main)
+        unsup = dict(fwd_u.losses)  # all four losses
+        ignored = None
+        if self.pim is not None and self.lsm.ignore_uncertain:
+            # LSM's ignore region: RoIs of alpha-set boxes outside STAC's main set (adapters/lsm.py)
+            ignored = uncertain_rois(fwd_u.samples.proposals, candidates)
+            unsup["loss_cls"] = main_cls_loss(self.student.roi_heads, fwd_u.logits, fwd_u.samples.labels, ignored)
         terms = {f"{k}_sup": v for k, v in fwd_l.losses.items()}
-        terms.update({f"{k}_unsup": st.lambda_u * v for k, v in fwd_u.losses.items()})  # all four losses
+        terms.update({f"{k}_unsup": st.lambda_u * v for k, v in unsup.items()})
         terms.update(mlc.weighted_terms(self.student, images_u, pseudo_main, self.cfg.mlc, st.lambda_u))  # Table 4
         if self.pim is not None:
-            terms.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_pim, fwd_l, targets_l, st.lambda_u))
+            terms.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_alpha, fwd_l, targets_l, st.lambda_u))
         half = 0.5 if st.average_forwards else 1.0  # the original's mean over its two forwards
         losses = {k: half * v for k, v in terms.items()}
 
         scale = [1.0 / abs(np.linalg.det(v.matrix[:2, :2])) for v in views]
         area = self.cfg.eval.area_scale
         metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, area, prefix="pl")
-        if self.pim is not None:
-            metrics.update(pseudo_label_stats(pseudo_pim, hidden_gt, scale, area, prefix="pl_alpha"))
+        if self.lsm.alpha >= self.pseudo_labels.score_floor:  # the file holds every box above alpha
+            metrics.update(pseudo_label_stats(pseudo_alpha, hidden_gt, scale, area, prefix="pl_alpha"))
+        if ignored is not None:
+            metrics["lsm_ignored_rois_per_img"] = int(ignored.sum()) / max(len(items), 1)
         return StepOutput(losses, metrics)
+
+
+def main_cut(scores: Tensor, tau: float, keep_top_box: bool = True) -> float:
+    """The lowest stored score STAC's main branch keeps (`select_pseudo_labels`: score >= the cut)."""
+    return min(tau, float(scores.max())) if keep_top_box and len(scores) else tau
 
 
 def _to(target: dict, device: torch.device) -> dict:

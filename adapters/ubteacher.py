@@ -10,6 +10,8 @@ Per iteration (official `run_step_full_semisup`, ssod_methods.md 2.1):
 
 Eq. 3 of the LSM paper, read off `training_step`:
     L = L_sup + lambda_u * (L_unsup_main + pim_weight * L_pim + sd_weight * L_sd)
+With LSM, L_unsup_main's RoI classification leaves out the RoIs of pseudo-boxes scored in (alpha, t]
+(`lsm.ignore_uncertain`, adapters/lsm.py).
 With `mlc.enabled` (Table 4), lambda_u * mlc.weight * the same two terms on a 0.5x view (adapters/mlc.py).
 """
 
@@ -21,6 +23,7 @@ import torch
 from adapters import mlc
 from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
+from adapters.lsm import main_cls_loss, uncertain_marks, uncertain_rois
 
 
 @register("ubteacher")
@@ -62,24 +65,31 @@ class UnbiasedTeacher(MeanTeacherAdapter):
         images_uw, hidden_gt = batch_to_device(batch["unlabeled"], "weak", self.device)
         images_us, _ = batch_to_device(batch["unlabeled"], "strong", self.device)
         detections = self.pseudo_label(images_uw)
+        # view pixels -> original-image pixels (COCO's size bins and the naive 96^2 are defined there)
+        scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in batch["unlabeled"]]
         if lsm.naive_large_area:  # Table 5 row 2: large low-score boxes go straight to the main branch
-            pseudo_main = filter_pseudo_labels(detections, lsm.alpha, min_area=lsm.naive_min_area, high=semi.t)
+            pseudo_main = filter_pseudo_labels(detections, lsm.alpha, min_area=lsm.naive_min_area, high=semi.t,
+                                               pixel_scale=scale)
         else:
             pseudo_main = filter_pseudo_labels(detections, semi.t)
 
         fwd_l = self.student.train_forward(images_l, targets_l)
         fwd_u = self.student.train_forward(images_us, pseudo_main)
         losses = {f"{k}_sup": v for k, v in fwd_l.losses.items()}
+        metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl")
+        pseudo_alpha = filter_pseudo_labels(detections, lsm.alpha)  # PIM's set; logged for every run
+        metrics.update(pseudo_label_stats(pseudo_alpha, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl_alpha"))
+        loss_cls_u = fwd_u.losses["loss_cls"]
+        if self.pim is not None and lsm.ignore_uncertain:
+            # LSM's ignore region: the RoIs of pseudo-boxes scored in (alpha, t] (adapters/lsm.py)
+            ignore = uncertain_rois(fwd_u.samples.proposals, uncertain_marks(pseudo_alpha, semi.t))
+            loss_cls_u = main_cls_loss(self.student.roi_heads, fwd_u.logits, fwd_u.samples.labels, ignore)
+            metrics["lsm_ignored_rois_per_img"] = int(ignore.sum()) / max(len(images_us), 1)
         # Unbiased Teacher: pseudo-boxes supervise objectness and classification only.
         losses["loss_rpn_cls_unsup"] = semi.lambda_u * fwd_u.losses["loss_rpn_cls"]
-        losses["loss_cls_unsup"] = semi.lambda_u * fwd_u.losses["loss_cls"]
+        losses["loss_cls_unsup"] = semi.lambda_u * loss_cls_u
         losses.update(mlc.weighted_terms(self.student, images_us, pseudo_main, self.cfg.mlc, semi.lambda_u,
                                          terms=("loss_rpn_cls", "loss_cls")))  # Table 4's UBT + MLC
-
-        scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in batch["unlabeled"]]
-        metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl")
         if self.pim is not None:
-            pseudo_pim = filter_pseudo_labels(detections, lsm.alpha)
-            losses.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_pim, fwd_l, targets_l, semi.lambda_u))
-            metrics.update(pseudo_label_stats(pseudo_pim, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl_alpha"))
+            losses.update(self.pim.weighted_terms(self.student, fwd_u, pseudo_alpha, fwd_l, targets_l, semi.lambda_u))
         return StepOutput(losses, metrics)

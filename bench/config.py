@@ -132,7 +132,12 @@ class LSMConfig(_Strict):
     pim_on_labeled: bool = True  # PIM also learns from the labeled batch's ground truth
     sd: bool = True
     sd_weight: float = Field(0.2, ge=0)  # authors' (disabled) distillation term used 0.2
+    # RoIs matched to pseudo-boxes scored in (alpha, t] are left out of the main branch's RoI
+    # classification loss (the authors' code); false trains them as background, as UBT alone does.
+    # Part of a cell's key only when LSM is on (key_dict).
+    ignore_uncertain: bool = True
     naive_large_area: bool = False  # Table 5 row 2: no PIM, large low-score boxes to the main branch
+    # in original-image pixels: 96^2 at COCO scale; small-image presets use (96 * eval.area_scale)^2
     naive_min_area: float = Field(96.0 * 96.0, ge=0)
 
     @field_validator("pim_levels")
@@ -279,6 +284,12 @@ class RunConfig(_Strict):
     def _check_thresholds(self) -> "RunConfig":
         if self.lsm.enabled and self.lsm.alpha > self.semi.t:
             raise ValueError(f"lsm.alpha ({self.lsm.alpha}) must not exceed semi.t ({self.semi.t})")
+        if self.lsm.naive_large_area and self.method != "ubteacher":
+            raise ValueError(f"lsm.naive_large_area (Table 5's Unbiased Teacher variant) is not defined for "
+                             f"{self.method}; set lsm.naive_large_area=false")
+        if self.lsm.enabled and self.lsm.naive_large_area:
+            raise ValueError("lsm.naive_large_area is Table 5's variant without PIM; set lsm.enabled=false "
+                             "with it (or lsm.naive_large_area=false for LSM)")
         return self
 
     def key_dict(self) -> dict[str, Any]:
@@ -294,6 +305,10 @@ class RunConfig(_Strict):
                 d.pop(method)
         if not self.mlc.enabled:
             d.pop("mlc")
+        if not self.lsm.enabled:  # added later and inert without LSM: other cells keep their keys
+            d["lsm"].pop("ignore_uncertain")
+        if self.lsm.naive_large_area:  # naive_min_area was once compared in view pixels: new keys
+            d["lsm"]["naive_area_pixels"] = "original"
         return d
 
     def key(self) -> str:
@@ -321,6 +336,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         known = _known_keys(first["loc"][:-1])
         return f"{source}: unknown config key '{loc}'; known keys there: {', '.join(known)}"
+    if not loc:  # a whole-config rule (RunConfig's validators): its message names the keys
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     return f"{source}: invalid value for '{loc}': {first['msg']} (got {first.get('input')!r})"
 
 
@@ -367,6 +384,7 @@ def load_config(preset: str = "demo", overrides: list[str] | dict | None = None,
     # `method_defaults.<method>`: the preset's settings for one method (Deformable DETR's AdamW
     # solver), applied under the overrides, so `solver.max_iter=...` still wins.
     by_method = data.pop("method_defaults", None) or {}
+    data.pop("table_ratios", None)  # which label ratios a table runs by default (preset_table_ratios)
     method = fields.get("method") or (overrides or {}).get("method") or data.get("method", "supervised")
     if not isinstance(by_method, dict) or not all(isinstance(v, dict) for v in by_method.values()):
         raise BenchError(f"preset '{preset}': method_defaults must map method names to config sections")
@@ -377,6 +395,13 @@ def load_config(preset: str = "demo", overrides: list[str] | dict | None = None,
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise BenchError(_format_validation_error(err, f"preset '{preset}'")) from None
+
+
+def preset_table_ratios(preset: str) -> list[float] | None:
+    """The label ratios a table runs on this preset when `--ratios` is not given (None: all)."""
+    path = PRESET_DIR / f"{preset}.yaml"
+    ratios = (yaml.safe_load(path.read_text()) or {}).get("table_ratios") if path.exists() else None
+    return [float(r) for r in ratios] if ratios else None
 
 
 def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:

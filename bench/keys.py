@@ -18,8 +18,9 @@ CODE_VERSION = {"supervised": 1, "ubteacher": 2, "stac": 2}
 # trunk (float rounding).
 DETECTOR_VERSION = 2
 # LSM's code, in the key of LSM cells only. 2: PIM's labeled and unlabeled groups share one
-# half-size backbone pass and one head pass (float rounding).
-LSM_VERSION = 2
+# half-size backbone pass and one head pass (float rounding). 3: the main branch's RoI classification
+# leaves out the RoIs of pseudo-boxes scored in (alpha, t] (`lsm.ignore_uncertain`, on by default).
+LSM_VERSION = 3
 
 
 def cell_key(cfg, data) -> str:

@@ -48,3 +48,31 @@ def test_key_is_stable_and_changes_with_any_result_field():
     for change in ({"seed": 2}, {"lsm": {"alpha": 0.4}}, {"data": {"ratio": 5}}, {"solver": {"base_lr": 0.03}},
                    {"model": {"cls_loss": "ce"}}, {"method": "ubteacher"}, {"stage": "burn_in"}):
         assert with_overrides(a, change).key() != a.key(), change
+
+
+def test_ignore_uncertain_enters_the_key_of_lsm_cells_only():
+    plain = load_config("demo", ["method=ubteacher"])
+    assert plain.lsm.ignore_uncertain is True  # the authors' behaviour by default
+    # without LSM the switch is inert: the key dict is what it was before the field existed
+    assert "ignore_uncertain" not in plain.key_dict()["lsm"]
+    assert with_overrides(plain, {"lsm": {"ignore_uncertain": False}}).key() == plain.key()
+    lsm = with_overrides(plain, {"lsm": {"enabled": True}})
+    assert lsm.key_dict()["lsm"]["ignore_uncertain"] is True
+    assert with_overrides(lsm, {"lsm": {"ignore_uncertain": False}}).key() != lsm.key()
+
+
+def test_naive_large_area_is_refused_with_lsm_and_outside_ubt_in_one_line():
+    with pytest.raises(BenchError, match=r"^preset 'demo': lsm.naive_large_area is Table 5's variant without PIM; "
+                                         r"set lsm.enabled=false with it \(or lsm.naive_large_area=false for LSM\)$"):
+        load_config("demo", ["method=ubteacher", "lsm.enabled=true", "lsm.naive_large_area=true"])
+    with pytest.raises(BenchError, match="not defined for stac; set lsm.naive_large_area=false"):
+        load_config("demo", ["method=stac", "lsm.naive_large_area=true"])
+    naive = load_config("demo", ["method=ubteacher", "lsm.naive_large_area=true"])
+    assert naive.key_dict()["lsm"]["naive_area_pixels"] == "original"  # its threshold's meaning changed
+    assert "naive_area_pixels" not in load_config("demo", ["method=ubteacher"]).key_dict()["lsm"]
+
+
+def test_naive_threshold_is_the_evaluations_large_bound_in_original_pixels():
+    for name in ("demo", "demo_long", "forest", "coco", "coco_additional", "coco_imagenet", "voc"):
+        cfg = load_config(name)
+        assert cfg.lsm.naive_min_area == pytest.approx((96 * cfg.eval.area_scale) ** 2, rel=1e-4), name

@@ -39,18 +39,20 @@ class MeanTeacherHook(HookBase):
 
 
 def filter_pseudo_labels(detections: list[dict], threshold: float, min_area: float | None = None,
-                         high: float | None = None) -> list[dict]:
+                         high: float | None = None, pixel_scale: list[float] | None = None) -> list[dict]:
     """Teacher detections with score > threshold, as targets {boxes, labels, scores}.
 
     With `min_area` and `high` (the naive large-area variant, Table 5 row 2): keep boxes with score
-    > high, plus boxes with score > threshold whose area exceeds min_area.
+    > high, plus boxes with score > threshold whose area exceeds min_area. The area is compared in
+    original-image pixels, where COCO's 96^2 is defined: `pixel_scale[i]` converts image i's
+    view-pixel areas (1 when not given).
     """
     out = []
-    for d in detections:
+    for i, d in enumerate(detections):
         keep = d["scores"] > threshold
         if min_area is not None and high is not None:
-            wh = (d["boxes"][:, 2:] - d["boxes"][:, :2]).clamp(min=0)
-            keep = (d["scores"] > high) | (keep & (wh[:, 0] * wh[:, 1] > min_area))
+            area = _area(d["boxes"]) * (1.0 if pixel_scale is None else pixel_scale[i])
+            keep = (d["scores"] > high) | (keep & (area > min_area))
         out.append({"boxes": d["boxes"][keep].detach(), "labels": d["labels"][keep].detach(),
                     "scores": d["scores"][keep].detach()})
     return out

@@ -6,8 +6,10 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from adapters.engine.ema import ema_update
 from adapters.engine.mean_teacher import filter_pseudo_labels
-from adapters.lsm import attach_aux_classifier, downsample, kl_aux_to_main, sd_mask, shifted_features
-from adapters.models.faster_rcnn import build_faster_rcnn, pool_by_level, roi_levels
+from adapters.lsm import (attach_aux_classifier, downsample, kl_aux_to_main, main_cls_loss, sd_mask, shifted_features,
+                         uncertain_marks, uncertain_rois)
+from adapters.models.faster_rcnn import RoIHeads, build_faster_rcnn, pool_by_level, roi_levels
+from bench.config import ModelConfig
 from tests.adapters.test_faster_rcnn import tiny_cfg
 
 
@@ -70,6 +72,59 @@ def test_naive_large_area_keeps_large_low_score_boxes():
            "labels": torch.tensor([0, 0, 1]), "scores": torch.tensor([0.6, 0.6, 0.9])}
     out = filter_pseudo_labels([det], 0.5, min_area=400.0, high=0.7)[0]
     assert out["boxes"][:, 2].tolist() == [30.0, 40.0]
+
+
+def test_naive_large_area_compares_original_image_pixels():
+    """A 30x30 box in a 0.5x view is 60x60 = 3600 px in the original image: large for a 2500 px
+    threshold although its view area (900) is not; a 10x10 view box (400 px original) stays out."""
+    det = {"boxes": torch.tensor([[0.0, 0, 30, 30], [0, 0, 10, 10]]), "labels": torch.tensor([0, 0]),
+           "scores": torch.tensor([0.6, 0.6])}
+    scale = [1 / 0.5**2]  # view area -> original area
+    kept = filter_pseudo_labels([det], 0.5, min_area=2500.0, high=0.7, pixel_scale=scale)[0]
+    assert kept["boxes"].tolist() == [[0.0, 0, 30, 30]]
+    assert len(filter_pseudo_labels([det], 0.5, min_area=2500.0, high=0.7)[0]["boxes"]) == 0  # view pixels
+
+
+def _ignore_example():
+    """One image; pseudo-boxes above alpha 0.5 with t 0.7: A (0.9, certain), B and C (0.6, uncertain)."""
+    pseudo_alpha = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 12]]),
+                     "labels": torch.tensor([0, 1, 0]), "scores": torch.tensor([0.9, 0.6, 0.6])}]
+    rois = [torch.tensor([
+        [0.0, 0, 10, 10],  # r0: IoU 1 with A (and 0.83 with C): certain, foreground of A
+        [20, 20, 30, 31],  # r1: IoU 0.91 with B: ignored
+        [50, 50, 60, 60],  # r2: no overlap: background
+        [20, 20, 30, 40],  # r3: IoU 0.5 with B (the matcher's threshold is inclusive): ignored
+        [20, 20, 30, 41],  # r4: IoU 0.476 with B: background
+        [0, 0, 10, 12],  # r5: IoU 0.83 with A but 1 with C: its best match is uncertain, ignored
+    ])]
+    # the main branch's labels (matched to A, the only box above t); K = 2, background = 2
+    labels = torch.tensor([0, 2, 2, 2, 2, 0])
+    ln2, ln6 = math.log(2), math.log(6)
+    logits = torch.tensor([[ln2, 0, 0], [ln6, 0, 0], [0, 0, 0], [ln6, 0, 0], [ln2, 0, 0], [ln2, 0, 0]])
+    return pseudo_alpha, rois, labels, logits
+
+
+def test_ignore_region_leaves_uncertain_rois_out_of_the_main_classification():
+    pseudo_alpha, rois, labels, logits = _ignore_example()
+    ignore = uncertain_rois(rois, uncertain_marks(pseudo_alpha, t=0.7))
+    assert ignore.tolist() == [False, True, False, True, False, True]
+    heads = RoIHeads(2, 1, ModelConfig(representation_size=8))  # cross-entropy, mean over RoIs
+    # CE of logits [a, 0, 0]: label 0 -> log(e^a + 2) - a, background -> log(e^a + 2)
+    # on: r0 ln2, r2 ln3, r4 ln4 -> mean ln(24) / 3; the ignored RoIs add nothing, not even to the count
+    on = main_cls_loss(heads, logits, labels, ignore)
+    assert on.item() == pytest.approx(math.log(24) / 3, rel=1e-6)
+    # off (the old behaviour): r1 and r3 are background (ln 8 each), r5 foreground of A (ln 2)
+    off = main_cls_loss(heads, logits, labels, torch.zeros(6, dtype=torch.bool))
+    assert off.item() == pytest.approx(math.log(2 * 8 * 3 * 8 * 4 * 2) / 6, rel=1e-6)
+    # the ignored RoIs get no gradient from the main branch's classification
+    x = logits.clone().requires_grad_(True)
+    main_cls_loss(heads, x, labels, ignore).backward()
+    assert x.grad[ignore].abs().sum() == 0 and x.grad[~ignore].abs().sum() > 0
+    # with t = 0.5 every box above alpha is certain: nothing is ignored
+    assert not uncertain_rois(rois, uncertain_marks(pseudo_alpha, t=0.5)).any()
+    # an image without pseudo-boxes ignores nothing
+    empty = [{"boxes": torch.zeros(0, 4), "certain": torch.zeros(0, dtype=torch.bool)}]
+    assert uncertain_rois(rois, empty).tolist() == [False] * 6
 
 
 def test_kl_value_and_gradient_reach_both_classifiers():

@@ -181,19 +181,29 @@ def test_burn_in_is_supervised_with_the_sigmoid_focal_head(setting):
     assert list(adapter.eval_models()) == ["teacher", "student"]  # the original evaluates the teacher
 
 
-def test_step_losses_with_lsm_off_and_on(setting):
+def test_step_losses_with_lsm_off_and_on(setting, monkeypatch):
     cfg, data = setting
     cfg_off, plain = _adapter(cfg, data, enabled=False)
-    _, with_lsm = _adapter(cfg, data, enabled=True)
+    _, with_lsm = _adapter(cfg, data, enabled=True, ignore_uncertain=False)
+    _, ignoring = _adapter(cfg, data, enabled=True)
     batch = next(batch_stream(cfg_off, plain, data, cfg.semi.burn_in))
     state = rng_state()
     out_off = plain.training_step(cfg.semi.burn_in, batch)
     set_rng_state(state)
     out_on = with_lsm.training_step(cfg.semi.burn_in, batch)
+    # the untrained teacher's scores (~0.5) are all above t: mark every box above alpha uncertain
+    monkeypatch.setattr(pc, "uncertain_marks", lambda pseudo, t: [
+        {"boxes": p["boxes"], "certain": torch.zeros(len(p["boxes"]), dtype=torch.bool)} for p in pseudo])
+    set_rng_state(state)
+    out_ignore = ignoring.training_step(cfg.semi.burn_in, batch)
+    for k in SUP | MAIN - {"loss_cls_unsup", "loss_cls_v2_unsup"}:  # the ignore region: classification only
+        assert torch.equal(out_off.losses[k], out_ignore.losses[k]), k
+    assert out_ignore.metrics["lsm_ignored_rois_per_img"] > 0
+    assert not torch.equal(out_off.losses["loss_cls_unsup"], out_ignore.losses["loss_cls_unsup"])
     assert set(out_off.losses) == SUP | MAIN
     assert set(out_on.losses) == SUP | MAIN | {"loss_pim_cls_unsup", "loss_pim_reg_unsup", "loss_sd",
                                                "loss_pim_cls_sup", "loss_pim_reg_sup"}
-    for k in SUP | MAIN:  # LSM leaves PseCo's own terms untouched
+    for k in SUP | MAIN:  # LSM without the ignore region leaves PseCo's own terms untouched
         assert torch.equal(out_off.losses[k], out_on.losses[k]), k
     assert all(torch.isfinite(v) for v in out_on.losses.values())
     for k in ("loss_cls_unsup", "loss_box_reg_unsup", "loss_cls_v2_unsup", "loss_box_reg_v2_unsup"):

@@ -220,16 +220,23 @@ def test_lsm_off_gives_the_plain_soft_teacher_losses_and_lsm_on_adds_pim_and_sd(
     cfg, data = setting
     # t = 0.5 puts the untrained teacher's scores (~1/11) inside SD's interval (alpha, t)
     cfg_off, plain = _adapter(cfg, data, t=0.5, enabled=False)
-    _, with_lsm = _adapter(cfg, data, t=0.5, enabled=True)
+    _, with_lsm = _adapter(cfg, data, t=0.5, enabled=True, ignore_uncertain=False)
+    _, ignoring = _adapter(cfg, data, t=0.5, enabled=True)
     batch = _first_batch(cfg_off, plain, data)
     state = rng_state()
     out_off = plain.training_step(cfg.semi.burn_in, batch)
     set_rng_state(state)
     out_on = with_lsm.training_step(cfg.semi.burn_in, batch)
+    set_rng_state(state)
+    out_ignore = ignoring.training_step(cfg.semi.burn_in, batch)
     main = {f"{k}_{s}" for k in ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg") for s in ("sup", "unsup")}
     assert set(out_off.losses) == main  # all four detector losses on pseudo-labels
-    for k in main:
+    for k in main:  # without the ignore region the main branch is untouched by LSM
         assert torch.equal(out_off.losses[k], out_on.losses[k]), k
+        if k != "loss_cls_unsup":  # the ignore region changes the soft classification only
+            assert torch.equal(out_off.losses[k], out_ignore.losses[k]), k
+    assert out_ignore.metrics["lsm_ignored_rois_per_img"] > 0
+    assert not torch.equal(out_off.losses["loss_cls_unsup"], out_ignore.losses["loss_cls_unsup"])
     assert out_off.metrics["pl_reg_count_per_img"] > 0 and out_on.metrics["pl_alpha_count_per_img"] > 0
     assert 0 < out_off.metrics["soft_bg_weight_mean"] < 1
     assert set(out_on.losses) - main == {"loss_pim_cls_unsup", "loss_pim_reg_unsup", "loss_sd",
@@ -258,7 +265,7 @@ def test_background_weights_come_from_the_teacher_on_the_mapped_rois(setting):
         with torch.no_grad():
             bg_bias[-1] = bias
         teacher_out = adapter.pseudo_label(images_t)
-        losses, fwd, w = adapter.student_unsup([v.image for v in views], empty, truth, reg_set, teacher_out, to_teacher)
+        losses, fwd, w, _ = adapter.student_unsup([v.image for v in views], empty, truth, reg_set, teacher_out, to_teacher)
         labels = fwd.samples.labels
         fg = labels < K
         assert fg.any() and (~fg).any()
@@ -318,11 +325,9 @@ def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_
     assert json.dumps(shared["metrics"], sort_keys=True) == json.dumps(alone["metrics"], sort_keys=True)
 
 
-@pytest.mark.parametrize("method", ["softteacher", "pseco"])
+@pytest.mark.parametrize("method", ["softteacher", "pseco", "stac"])
 def test_naive_large_area_is_a_ubt_variant_only(tiny, method):
-    from adapters.base import get_adapter
     from bench.errors import BenchError
 
-    cfg = load_config("demo", tiny + ["lsm.enabled=true", "lsm.naive_large_area=true"], method=method)
     with pytest.raises(BenchError, match=f"not defined for {method}; set lsm.naive_large_area=false"):
-        get_adapter(method)(cfg, 10, torch.device("cpu"))
+        load_config("demo", tiny + ["lsm.naive_large_area=true"], method=method)

@@ -226,8 +226,8 @@ def test_main_pseudo_boxes_follow_tau_and_the_top_box_and_land_in_the_strong_vie
     items = _batch(cfg, adapter, data)["unlabeled"]
     assert items is not None  # unlabeled images from iteration 0 (no burn-in)
     views = adapter.strong_views(items, 0)
-    main, pim = adapter.pseudo_targets(items, views)
-    assert pim == []  # LSM off
+    main, alpha, _ = adapter.pseudo_targets(items, views)
+    assert all(len(a["scores"]) and (a["scores"] > 0.5).all() for a in alpha)  # logged without LSM too
     for p, v in zip(main, views):
         assert p["scores"].tolist() == pytest.approx([0.95])  # only the 0.95 box passes tau 0.9
         assert p["boxes"][0].tolist() == pytest.approx(v.boxes[0].tolist(), abs=1e-4)  # = its true box, mapped
@@ -273,11 +273,13 @@ def test_lsm_adds_pim_and_sd_and_alpha_filters_the_stored_scores(setting, monkey
     batch = _batch(cfg_on, with_lsm, data)
 
     views = with_lsm.strong_views(batch["unlabeled"], 0)
-    main, pim = with_lsm.pseudo_targets(batch["unlabeled"], views)
+    main, pim, candidates = with_lsm.pseudo_targets(batch["unlabeled"], views)
     for v, m, p in zip(views, main, pim):
         n = len(v.boxes)  # the true boxes still in the view (the pseudo-boxes are those boxes)
         assert m["scores"].tolist() == pytest.approx([0.95])  # main branch: STAC's tau
         assert p["scores"].tolist() == pytest.approx([0.95] + [0.6] * (n - 1))  # PIM: > alpha, not the 0.3 box
+    for p, c in zip(pim, candidates):  # the ignore region's candidates: PIM's boxes, certain = in tau's set
+        assert torch.equal(c["boxes"], p["boxes"]) and c["certain"].tolist() == [True] + [False] * (len(p["boxes"]) - 1)
     with_lsm.lsm = with_lsm.lsm.model_copy(update={"alpha": 0.7})
     assert all(p["scores"].tolist() == pytest.approx([0.95])
                for p in with_lsm.pseudo_targets(batch["unlabeled"], views)[1])
@@ -291,8 +293,15 @@ def test_lsm_adds_pim_and_sd_and_alpha_filters_the_stored_scores(setting, monkey
     out_off = plain.training_step(0, batch)
     set_rng_state(state)
     out_on = with_lsm.training_step(0, batch)
-    for k in MAIN:  # the main branch is untouched by LSM
+    for k in MAIN - {"loss_cls_unsup"}:  # the main branch is untouched by LSM but for its ignore region
         assert torch.equal(out_off.losses[k], out_on.losses[k]), k
+    assert out_on.metrics["lsm_ignored_rois_per_img"] > 0  # RoIs on the 0.6 boxes
+    assert not torch.equal(out_off.losses["loss_cls_unsup"], out_on.losses["loss_cls_unsup"])
+    with_lsm.lsm = with_lsm.lsm.model_copy(update={"ignore_uncertain": False})
+    set_rng_state(state)
+    old = with_lsm.training_step(0, batch)
+    with_lsm.lsm = with_lsm.lsm.model_copy(update={"ignore_uncertain": True})
+    assert torch.equal(old.losses["loss_cls_unsup"], out_off.losses["loss_cls_unsup"])  # off: the old behaviour
     assert set(out_on.losses) - MAIN == {"loss_pim_cls_unsup", "loss_pim_reg_unsup", "loss_sd",
                                          "loss_pim_cls_sup", "loss_pim_reg_sup"}
     assert out_on.losses["loss_pim_cls_unsup"] > 0 and out_on.losses["loss_sd"] > 0  # 0.6 boxes: in (alpha, tau)

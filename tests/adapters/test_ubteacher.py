@@ -65,6 +65,34 @@ def test_lsm_off_gives_the_plain_unbiased_teacher_losses(setting):
     assert aux is not None and aux.abs().sum() > 0
 
 
+def test_ignore_region_changes_only_the_unsupervised_classification(setting):
+    """t 0.5 and alpha 0.05 put the untrained teacher's scores (~1/11) in (alpha, t]: no main
+    pseudo-box, every RoI background for the main branch, and those on the alpha boxes ignored."""
+    cfg, data = setting
+    cfg = cfg.model_copy(update={"semi": cfg.semi.model_copy(update={"t": 0.5})})
+    outs = {}
+    for name, lsm in {"plain": {"enabled": False}, "off": {"enabled": True, "ignore_uncertain": False},
+                      "on": {"enabled": True}}.items():
+        cfg_x, adapter = _adapter(cfg, data, alpha=0.05, **lsm)
+        batch = _first_batch(cfg_x, adapter, data)
+        torch.manual_seed(7)
+        outs[name] = adapter.training_step(cfg.semi.burn_in, batch)
+    plain, off, on = (outs[k] for k in ("plain", "off", "on"))
+    assert on.metrics["pl_count_per_img"] == 0 and on.metrics["pl_alpha_count_per_img"] > 0
+    assert plain.metrics["pl_alpha_count_per_img"] == on.metrics["pl_alpha_count_per_img"]  # logged without LSM
+    assert on.metrics["lsm_ignored_rois_per_img"] > 0 and "lsm_ignored_rois_per_img" not in off.metrics
+    for k in plain.losses:
+        assert torch.equal(plain.losses[k], off.losses[k]), k  # switch off: the old behaviour
+        if k != "loss_cls_unsup":
+            assert torch.equal(plain.losses[k], on.losses[k]), k
+    assert not torch.equal(plain.losses["loss_cls_unsup"], on.losses["loss_cls_unsup"])
+
+
+def test_naive_variant_is_refused_with_lsm():
+    with pytest.raises(BenchError, match="set lsm.enabled=false"):
+        load_config("demo", ["method=ubteacher", "lsm.enabled=true", "lsm.naive_large_area=true"])
+
+
 def test_pim_only_and_weights(setting):
     cfg, data = setting
     cfg_on, adapter = _adapter(cfg, data, enabled=True, sd=False, pim_weight=0.0, pim_on_labeled=False)
