@@ -6,7 +6,8 @@ absolute ``xyxy`` (N, 4), labels are contiguous class indices (label ``i`` is th
 
 COCO (``evaluate_coco``)
     The ground truth is a ``DetectionDataset`` (converted here to a COCO dict: annotation ids 1..N,
-    bbox ``xywh``, ``area = w * h``, crowd flags kept) or the path of a COCO JSON. Both backends
+    bbox ``xywh``, ``area`` = the record's own object area where the source gave one (COCO's segment
+    area, which the small/medium/large bins use), else ``w * h``; crowd flags kept) or the path of a COCO JSON. Both backends
     apply the COCO rules: crowd GT are "ignore" regions (a detection matched to one is neither TP
     nor FP, and its IoU is intersection over the detection's own area), 101-point interpolated
     precision, IoU 0.50:0.05:0.95, area ranges small/medium/large, maxDets 1/10/100. Stats are in
@@ -120,19 +121,21 @@ def _check_detections(detections: list[dict], image_ids, num_classes: int) -> li
 
 
 def _coco_gt_dict(dataset: DetectionDataset) -> dict:
-    """The COCO ground-truth dict of ``dataset`` (annotation ids 1..N, bbox xywh, area = w*h)."""
+    """The COCO ground-truth dict of ``dataset`` (annotation ids 1..N, bbox xywh, area = the
+    record's object area: COCO bins objects by the annotation's area, not its box's)."""
     images, annotations = [], []
     for rec in dataset.records:
         images.append({"id": rec.id, "width": rec.width, "height": rec.height, "file_name": str(rec.file)})
         xyxy = rec.boxes.astype(np.float64)
         xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
-        for box, label, crowd in zip(xywh.tolist(), rec.labels.tolist(), rec.iscrowd.tolist()):
+        areas = rec.areas if rec.areas is not None else xywh[:, 2] * xywh[:, 3]
+        for box, label, crowd, area in zip(xywh.tolist(), rec.labels.tolist(), rec.iscrowd.tolist(), areas.tolist()):
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": rec.id,
                 "category_id": dataset.categories[label]["id"],
                 "bbox": box,
-                "area": box[2] * box[3],
+                "area": area,
                 "iscrowd": int(crowd),
             })
     categories = [{"id": c["id"], "name": c["name"]} for c in dataset.categories]

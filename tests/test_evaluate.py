@@ -245,3 +245,19 @@ def test_area_scale_moves_the_size_bounds_in_both_backends(synthetic):
     # "all" is untouched; halving the bounds moves boxes from small into medium/large
     assert scaled["faster"]["AP"] == pytest.approx(default["AP"], abs=1e-9)
     assert scaled["faster"]["APs"] != pytest.approx(default["APs"], abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_size_bins_use_the_annotations_own_area(backend):
+    """A 40x40 box (1600 px: medium by its box) whose annotation area is 900 px (a thin object:
+    small, < 32^2) counts as small, as in COCO; without an area the box decides (medium)."""
+    box = [[10.0, 10, 50, 50]]
+    detections = [{"image_id": 1, "boxes": box, "scores": [0.9], "labels": [0]}]
+    cats = [{"id": 1, "name": "a"}]
+    rec = ImageRecord(1, Path("1.jpg"), 100, 100, box, [0], [False], [-1], areas=[900.0])
+    assert _coco_gt_dict(DetectionDataset("d", [rec], cats))["annotations"][0]["area"] == 900.0
+    by_area = evaluate_coco(DetectionDataset("d", [rec], cats), detections, backend=backend)
+    assert by_area["APs"] == pytest.approx(100.0) and math.isnan(by_area["APm"])
+    by_box = evaluate_coco(DetectionDataset("d", [_record(1, box, [0], size=(100, 100))], cats), detections,
+                           backend=backend)
+    assert by_box["APm"] == pytest.approx(100.0) and math.isnan(by_box["APs"])

@@ -157,7 +157,7 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
         is_crowd = bool(a.get("iscrowd", 0))
         crowd += is_crowd
         areas[int(aid)] = area
-        per_image[iid].append((x1, y1, x2, y2, label_of[a["category_id"]], is_crowd, aid))
+        per_image[iid].append((x1, y1, x2, y2, label_of[a["category_id"]], is_crowd, aid, area))
 
     records = []
     missing: list[tuple[int, Path]] = []
@@ -173,6 +173,7 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
             labels=np.array([r[4] for r in rows], dtype=np.int64),
             iscrowd=np.array([r[5] for r in rows], dtype=bool),
             ann_ids=np.array([r[6] for r in rows], dtype=np.int64),
+            areas=np.array([r[7] for r in rows], dtype=np.float64),
         ))
     if missing:
         iid, file = missing[0]

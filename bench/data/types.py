@@ -24,12 +24,26 @@ class ImageRecord:
     labels: np.ndarray  # (N,) int64 contiguous class index
     iscrowd: np.ndarray  # (N,) bool
     ann_ids: np.ndarray  # (N,) int64 original annotation ids (-1 where the source has none)
+    # (N,) float64 object areas in pixels where the source gives them (COCO's segment `area`, which
+    # its small/medium/large bins use); None: the box areas
+    areas: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         self.iscrowd = np.asarray(self.iscrowd, dtype=bool).reshape(-1)
         self.ann_ids = np.asarray(self.ann_ids, dtype=np.int64).reshape(-1)
+        if self.areas is not None:
+            self.areas = np.asarray(self.areas, dtype=np.float64).reshape(-1)
+            if len(self.areas) != len(self.boxes):
+                raise ValueError(f"image {self.id}: {len(self.areas)} areas for {len(self.boxes)} boxes")
+
+    def object_areas(self) -> np.ndarray:
+        """(N,) areas for size bins: the source's own where given, else the box areas."""
+        if self.areas is not None:
+            return self.areas
+        wh = np.clip(self.boxes[:, 2:].astype(np.float64) - self.boxes[:, :2], 0, None)
+        return wh[:, 0] * wh[:, 1]
 
 
 @dataclass

@@ -37,6 +37,9 @@ def test_valid_file_mapping_crowd_empty_area_and_clipping(mini_coco):
     # missing area computed from the box (10x10), given areas kept
     assert ds.stats["computed_areas"] == 1 and ds.stats["areas"][2] == 100.0 and ds.stats["areas"][1] == 1000.0
     assert by[50].ann_ids.tolist() == [4, 5]
+    # ... and on the records, where evaluation's size bins read them
+    areas = {int(a): float(v) for r in ds.records for a, v in zip(r.ann_ids, r.object_areas())}
+    assert areas[1] == 1000.0 and areas[2] == 100.0
 
 
 def test_to_coco_dict_round_trip(mini_coco):
