@@ -18,6 +18,16 @@ COCO (``evaluate_coco``)
     (pycocotools cannot load an empty result); a warning is logged and every stat is 0.0 (like
     detectron2, which warns and reports nothing found).
 
+Teacher diagnostics (``teacher_diagnostics``)
+    How good a teacher a model would be at the pseudo-label thresholds (``t`` and ``alpha``), on the
+    evaluation set: ``cover_<name>`` is the fraction of (non-crowd) GT objects matched, IoU >= 0.5 and
+    the same class, by at least one detection scoring above the threshold (a pseudo-label recall);
+    ``precision_<name>`` the fraction of those detections that match a GT object (duplicates each
+    count, as a teacher's duplicates each become a pseudo-box; a detection matching only a crowd
+    region is not counted); ``dets_per_img_<name>`` their number per image. ``_small`` / ``_medium``
+    / ``_large`` suffixes bin the GT objects by their own area and the detections by their box area,
+    COCO's bounds times ``area_scale``. NaN where nothing is counted.
+
 Pascal VOC (``evaluate_voc``), the rules of detectron2's ``PascalVOCDetectionEvaluator``
     * Per class, detections are ranked by score (stable sort) and each one is compared with all
       GT boxes of that class in its image; only the GT of highest IoU counts.
@@ -273,6 +283,65 @@ def evaluate_coco(
     result["per_class_AP"] = _per_class_ap(precision, cat_ids, {c["id"]: c["name"] for c in gt_dict["categories"]})
     result["summary"] = _coco_summary(stats)
     return result
+
+
+# ----------------------------------------------------------------------------- teacher diagnostics
+
+SIZES = ("small", "medium", "large")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) IoU of continuous xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def _size_bins(areas: np.ndarray, area_scale: float) -> np.ndarray:
+    """0 small, 1 medium, 2 large: COCO's 32^2 and 96^2 bounds with the sides times area_scale."""
+    small, medium = (32 * area_scale) ** 2, (96 * area_scale) ** 2
+    return (areas >= small).astype(np.int64) + (areas >= medium).astype(np.int64)
+
+
+def teacher_diagnostics(gt: DetectionDataset, detections: list[dict], thresholds: dict[str, float],
+                        area_scale: float = 1.0) -> dict[str, float]:
+    """Coverage, precision and count of the detections above each threshold ({name: score}), overall
+    and by size (module docstring): what a teacher would hand its student as pseudo-labels."""
+    unpacked = _check_detections(detections, [r.id for r in gt.records], gt.num_classes)
+    by_id = {i: (boxes, scores, labels) for i, boxes, scores, labels in unpacked}
+    none = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
+    out: dict[str, float] = {}
+    for name, threshold in thresholds.items():
+        covered, objects, correct, counted = (np.zeros(3) for _ in range(4))
+        num_dets = 0
+        for rec in gt.records:
+            boxes, scores, labels = by_id.get(rec.id, none)
+            keep = scores > threshold
+            boxes, labels = boxes[keep], labels[keep]
+            num_dets += len(boxes)
+            crowd = rec.iscrowd
+            match = (_iou(boxes, rec.boxes.astype(np.float64)) >= 0.5) & (labels[:, None] == rec.labels[None, :])
+            gt_hit = match[:, ~crowd].any(axis=0)
+            det_ok = match[:, ~crowd].any(axis=1)
+            det_counted = det_ok | ~match[:, crowd].any(axis=1)
+            gt_bin = _size_bins(rec.object_areas()[~crowd], area_scale)
+            det_bin = _size_bins(np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None), axis=1), area_scale)
+            for b in range(3):
+                objects[b] += np.sum(gt_bin == b)
+                covered[b] += np.sum(gt_hit & (gt_bin == b))
+                counted[b] += np.sum(det_counted & (det_bin == b))
+                correct[b] += np.sum(det_ok & det_counted & (det_bin == b))
+        ratio = lambda num, den: float(num / den) if den else float("nan")  # noqa: E731
+        out[f"cover_{name}"] = ratio(covered.sum(), objects.sum())
+        out[f"precision_{name}"] = ratio(correct.sum(), counted.sum())
+        out[f"dets_per_img_{name}"] = ratio(num_dets, len(gt.records))
+        for b, size in enumerate(SIZES):
+            out[f"cover_{name}_{size}"] = ratio(covered[b], objects[b])
+            out[f"precision_{name}_{size}"] = ratio(correct[b], counted[b])
+    return out
 
 
 # ----------------------------------------------------------------------------- Pascal VOC

@@ -35,7 +35,7 @@ from bench.config import RunConfig, dump_config
 from bench.data.loader import make_loader
 from bench.data.sources import SemiData, prepare_data
 from bench.data.transforms import AugConfig
-from bench.evaluate import evaluate_coco, evaluate_voc
+from bench.evaluate import evaluate_coco, evaluate_voc, teacher_diagnostics
 from bench.errors import BenchError
 from bench.keys import cell_key
 from bench.paths import run_dir
@@ -95,15 +95,19 @@ def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
 
 
 def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device) -> dict[str, dict]:
-    """COCO metrics of every model the adapter names (teacher first for mean-teacher methods)."""
+    """COCO metrics of every model the adapter names (teacher first for mean-teacher methods), each
+    with its teacher diagnostics at semi.t and lsm.alpha (bench/evaluate.py): how good a teacher it
+    is or would be, for every method, supervised included (its config carries the preset's t and alpha)."""
     out = {}
     test_aug = aug_config(cfg, strong=False)
+    thresholds = {"t": cfg.semi.t, "alpha": cfg.lsm.alpha}
     for name, model in adapter.eval_models().items():
         dets = run_inference(model, data.val, test_aug, device, batch_size=cfg.solver.ims_per_batch_labeled)
         if cfg.data.dataset == "voc":  # VOC07 test: 11-point AP50 and AP50:95 (detectron2's evaluator)
             out[name] = evaluate_voc(data.val, dets, use_07_metric=True)
         else:
             out[name] = evaluate_coco(data.val, dets, backend=cfg.eval.backend, area_scale=cfg.eval.area_scale)
+        out[name].update(teacher_diagnostics(data.val, dets, thresholds, cfg.eval.area_scale))
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 
 from bench.data.types import DetectionDataset, ImageRecord
 from bench.errors import BenchError
-from bench.evaluate import COCO_STATS, _coco_gt_dict, evaluate_coco, evaluate_voc, voc_iou
+from bench.evaluate import COCO_STATS, _coco_gt_dict, evaluate_coco, evaluate_voc, teacher_diagnostics, voc_iou
 
 # Non-contiguous ids, deliberately not sorted; the last class has no GT at all.
 CATEGORIES = [{"id": i, "name": f"cls{i}"} for i in (12, 3, 41, 7, 90)]
@@ -261,3 +261,42 @@ def test_size_bins_use_the_annotations_own_area(backend):
     by_box = evaluate_coco(DetectionDataset("d", [_record(1, box, [0], size=(100, 100))], cats), detections,
                            backend=backend)
     assert by_box["APm"] == pytest.approx(100.0) and math.isnan(by_box["APs"])
+
+
+def test_teacher_diagnostics_hand_computed():
+    """3 GT (small, medium, large), 4 detections; t 0.7, alpha 0.5 (COCO bounds, area_scale 1).
+
+    D0 = G0 exactly (class 0, 0.9): TP, small. D1 on G1 at IoU 2500/3000 (class 0, 0.6): TP, medium.
+    D2 = G2's box with the wrong class (0.8): FP, large. D3 on G2 at IoU exactly 0.5 (0.55): TP, large.
+    A second image has only a crowd region; a 0.95 detection on it is counted neither way.
+    """
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    gt = DetectionDataset("d", [
+        _record(1, [[0, 0, 10, 10], [50, 50, 100, 100], [0, 100, 100, 200]], [0, 0, 1], size=(200, 300)),
+        _record(2, [[0, 0, 50, 50]], [0], np.array([True]), size=(200, 300)),
+    ], cats)
+    detections = [
+        {"image_id": 1, "boxes": [[0, 0, 10, 10], [50, 50, 100, 110], [0, 100, 100, 200], [0, 100, 100, 300]],
+         "scores": [0.9, 0.6, 0.8, 0.55], "labels": [0, 0, 0, 1]},
+        {"image_id": 2, "boxes": [[0, 0, 50, 50]], "scores": [0.95], "labels": [0]},
+    ]
+    d = teacher_diagnostics(gt, detections, {"t": 0.7, "alpha": 0.5})
+    nan = pytest.approx(float("nan"), nan_ok=True)
+    # above t: D0 (TP, small), D2 (FP, large), the crowd detection (not counted)
+    assert d["cover_t"] == pytest.approx(1 / 3)
+    assert (d["cover_t_small"], d["cover_t_medium"], d["cover_t_large"]) == (1.0, 0.0, 0.0)
+    assert d["precision_t"] == pytest.approx(1 / 2)
+    assert (d["precision_t_small"], d["precision_t_medium"], d["precision_t_large"]) == (1.0, nan, 0.0)
+    assert d["dets_per_img_t"] == pytest.approx(3 / 2)
+    # above alpha: every GT object covered; D0, D1, D3 correct of 4 counted
+    assert d["cover_alpha"] == 1.0
+    assert (d["cover_alpha_small"], d["cover_alpha_medium"], d["cover_alpha_large"]) == (1.0, 1.0, 1.0)
+    assert d["precision_alpha"] == pytest.approx(3 / 4)
+    assert (d["precision_alpha_small"], d["precision_alpha_medium"], d["precision_alpha_large"]) == (1.0, 1.0, 0.5)
+    # area_scale 0.25 moves the bounds to 8^2 and 24^2: G0 (100 px) becomes medium, G1 and G2 large
+    s = teacher_diagnostics(gt, detections, {"t": 0.7}, area_scale=0.25)
+    assert (s["cover_t_small"], s["cover_t_medium"], s["cover_t_large"]) == (nan, 1.0, 0.0)
+    # the GT's own area decides its bin: G1 with an annotated area of 50 px is small
+    gt.records[0].areas = np.array([100.0, 50.0, 10000.0])
+    assert teacher_diagnostics(gt, detections, {"alpha": 0.5})["cover_alpha_small"] == 1.0
+    assert math.isnan(teacher_diagnostics(gt, detections, {"alpha": 0.5})["cover_alpha_medium"])

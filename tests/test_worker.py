@@ -78,5 +78,12 @@ def test_run_is_tracked_in_mlflow(tmp_path, tiny, monkeypatch):
     assert row["tags.cell_key"] == result["key"] and row["tags.preset"] == "demo"
     assert row["params.solver.max_iter"] == "2" and row["params.model.arch"] == "tiny"
     assert row["metrics.eval.student.AP"] == pytest.approx(result["metrics"]["student"]["AP"])
+    # teacher diagnostics beside AP, at the preset's t and alpha even for a supervised cell
+    student = result["metrics"]["student"]
+    for k in ("cover_t", "cover_alpha", "precision_t", "dets_per_img_t", "cover_t_small", "precision_t_large"):
+        assert k in student, k
+    assert 0 <= student["cover_t"] <= student["cover_alpha"] <= 1
+    assert row["metrics.eval.student.cover_alpha"] == pytest.approx(student["cover_alpha"])
+    assert row["metrics.eval.student.dets_per_img_t"] == pytest.approx(student["dets_per_img_t"])
     assert "metrics.loss_cls_sup" in runs.columns and "metrics.lr" in runs.columns
     assert row["status"] == "FINISHED"
