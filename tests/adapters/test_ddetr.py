@@ -261,13 +261,16 @@ def test_ddetr_shares_stacs_teacher_cell():
 
 
 def test_existing_cell_keys_unchanged():
-    """The solver's optimizer field and the ddetr section must not move the keys of the SGD methods'
-    cells (their caches); the values are the keys before this change."""
-    assert load_config("demo", [], method="ubteacher").key() == \
+    """The solver's optimizer field, the ddetr section and lsm.ignore_uncertain must not move the keys
+    of the SGD methods' non-LSM cells (their caches); the values are the keys before these changes,
+    on the demo preset as it was then (its naive_min_area has since moved to original-image pixels)."""
+    then = ["lsm.naive_min_area=235.93"]
+    assert load_config("demo", then, method="ubteacher").key() == \
         "798847098ad2ba9476cfc374393e1a046c5e83478383ea6712e7a877d7819336"
-    assert load_config("demo", ["lsm.enabled=true"], method="ubteacher").key() == \
-        "ecf80453ce3cc9899525e796723f1954ceb6242a0091e4f2f32c4eb5cf22ebc4"
-    assert load_config("demo", [], method="stac").key() == \
+    # LSM cells do change: lsm.ignore_uncertain enters their key (and LSM_VERSION their cell key)
+    assert load_config("demo", then + ["lsm.enabled=true"], method="ubteacher").key() == \
+        "e5da10edb81628fcdaf689d4cdceab883caa8793e4f324cd304304ca3ce570bf"
+    assert load_config("demo", then, method="stac").key() == \
         "5924d7d2af7e640d307bcc59d7dceb71f654a8f0df3de676e005e8350d8164a4"
     a = load_config("demo", [], method="ddetr")
     assert "ddetr" in a.key_dict() and a.key() != load_config("demo", ["ddetr.num_queries=7"], method="ddetr").key()
