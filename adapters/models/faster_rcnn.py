@@ -25,7 +25,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 from torchvision.ops import misc as misc_nn_ops
@@ -190,6 +190,278 @@ def build_backbone(arch: str, weights: str = "none", trainable_layers: int = 3, 
 
 
 # --------------------------------------------------------------------------------------------
+# Batched box ops: the same arithmetic as torchvision's per-image ops, on (N, ..., 4) tensors
+# --------------------------------------------------------------------------------------------
+def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of (..., M, 4) x (..., L, 4) -> (..., M, L), torchvision's box_iou formula, batched."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[..., :, None] + area2[..., None, :] - inter)
+
+
+def encode_boxes(reference: Tensor, proposals: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
+    """torchvision's BoxCoder.encode_single on broadcastable (..., 4) tensors."""
+    wx, wy, ww, wh = weights
+    ex_w = proposals[..., 2] - proposals[..., 0]
+    ex_h = proposals[..., 3] - proposals[..., 1]
+    ex_x = proposals[..., 0] + 0.5 * ex_w
+    ex_y = proposals[..., 1] + 0.5 * ex_h
+    gt_w = reference[..., 2] - reference[..., 0]
+    gt_h = reference[..., 3] - reference[..., 1]
+    gt_x = reference[..., 0] + 0.5 * gt_w
+    gt_y = reference[..., 1] + 0.5 * gt_h
+    return torch.stack((wx * (gt_x - ex_x) / ex_w, wy * (gt_y - ex_y) / ex_h,
+                        ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)), dim=-1)
+
+
+def decode_boxes(deltas: Tensor, boxes: Tensor, weights: tuple[float, float, float, float],
+                 clip: float = math.log(1000.0 / 16)) -> Tensor:
+    """torchvision's BoxCoder.decode_single for one box per delta, on broadcastable (..., 4) tensors."""
+    boxes = boxes.to(deltas.dtype)
+    wx, wy, ww, wh = weights
+    widths = boxes[..., 2] - boxes[..., 0]
+    heights = boxes[..., 3] - boxes[..., 1]
+    ctr_x = boxes[..., 0] + 0.5 * widths
+    ctr_y = boxes[..., 1] + 0.5 * heights
+    dw = torch.clamp(deltas[..., 2] / ww, max=clip)
+    dh = torch.clamp(deltas[..., 3] / wh, max=clip)
+    pred_x = deltas[..., 0] / wx * widths + ctr_x
+    pred_y = deltas[..., 1] / wy * heights + ctr_y
+    half_w = 0.5 * (torch.exp(dw) * widths)
+    half_h = 0.5 * (torch.exp(dh) * heights)
+    return torch.stack((pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=-1)
+
+
+def clip_to_sizes(boxes: Tensor, bounds: Tensor) -> Tensor:
+    """clip_boxes_to_image with a (..., 4) bound (w, h, w, h) per box or per image."""
+    return torch.minimum(boxes.clamp(min=0), bounds)
+
+
+def size_bounds(image_sizes, device, dtype) -> Tensor:
+    """(N, 4) tensor (w, h, w, h) of each image's size."""
+    return torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=dtype).to(device, non_blocking=True)
+
+
+def match_boxes(iou: Tensor, gt_valid: Tensor, high: float, low: float, allow_low_quality: bool) -> Tensor:
+    """torchvision's Matcher on a batch: iou (N, G, L) with padded ground truth rows marked
+    invalid in gt_valid (N, G); returns (N, L) matched index, -1 below `low`, -2 in between.
+    An image without valid ground truth gets -1 everywhere (its anchors are background)."""
+    iou = iou.masked_fill(~gt_valid[:, :, None], -1.0)
+    vals, matches = iou.max(dim=1)  # the first maximum, as torch.max documents
+    all_matches = matches
+    matches = torch.where(vals < low, -1, torch.where(vals < high, -2, matches))
+    if allow_low_quality:
+        best = iou.max(dim=2, keepdim=True).values
+        ties = ((iou == best) & gt_valid[:, :, None]).any(dim=1)
+        matches = torch.where(ties, all_matches, matches)
+    return matches
+
+
+def sample_balanced(positive: Tensor, negative: Tensor, batch_size_per_image: int,
+                    positive_fraction: float) -> tuple[Tensor, Tensor, list[int]]:
+    """torchvision's BalancedPositiveNegativeSampler on (N, L) masks, drawing the same random
+    permutations (positives then negatives, image by image), with a fixed number of host syncs.
+
+    Returns the flat indices (into N * L) of the sampled positives and of the sampled negatives,
+    each ascending, and the number sampled per image."""
+    counts = torch.stack([positive.sum(1), negative.sum(1)], 1).tolist()
+    pos_idx = torch.nonzero(positive.flatten()).squeeze(1)
+    neg_idx = torch.nonzero(negative.flatten()).squeeze(1)
+    device = positive.device
+    pos_pick, neg_pick, per_image = [], [], []
+    pos_start = neg_start = 0
+    for n_pos, n_neg in counts:
+        num_pos = min(n_pos, int(batch_size_per_image * positive_fraction))
+        num_neg = min(n_neg, batch_size_per_image - num_pos)
+        pos_pick.append(torch.randperm(n_pos, device=device)[:num_pos] + pos_start)
+        neg_pick.append(torch.randperm(n_neg, device=device)[:num_neg] + neg_start)
+        pos_start, neg_start = pos_start + n_pos, neg_start + n_neg
+        per_image.append(num_pos + num_neg)
+    pos = pos_idx[torch.cat(pos_pick)].sort().values
+    neg = neg_idx[torch.cat(neg_pick)].sort().values
+    return pos, neg, per_image
+
+
+def nms_top(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, max_keep: int) -> Tensor:
+    """Greedy NMS within each group, kept indices by decreasing score, at most `max_keep`.
+
+    One call of the kernel for all groups: the groups are moved apart (in float64, so that every
+    coordinate stays exact). On the CPU the kernel's cost is (kept x candidates), and only the
+    best `max_keep` survivors are wanted: a group's survivors among the highest-scoring boxes do
+    not depend on lower-scoring ones, so a prefix twice as long as needed is tried first and all
+    boxes only when it kept too few."""
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if boxes.device.type != "cpu":
+        return box_ops.batched_nms(boxes, scores, groups, iou_threshold)[:max_keep]
+    b = boxes.double()
+    b = b + (groups.to(b.dtype) * (b.max() - b.min() + 1))[:, None]
+    s = scores.double()
+    if len(boxes) > 2 * max_keep:
+        order = s.argsort(descending=True, stable=True)[: 2 * max_keep]
+        keep = torch.ops.torchvision.nms(b[order], s[order], iou_threshold)
+        if len(keep) >= max_keep:
+            return order[keep[:max_keep]]
+    return torch.ops.torchvision.nms(b, s, iou_threshold)[:max_keep]
+
+
+def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, image_idx: Tensor, num_images: int,
+                  iou_threshold: float, max_keep: int) -> list[Tensor]:
+    """`nms_top` of each image's candidates (flat inputs, `image_idx` ascending): kept indices
+    into the flat inputs, per image. On the CPU one kernel call per image (the kernel's cost
+    grows with the candidates of the call); on a GPU one call for all images."""
+    counts = torch.bincount(image_idx, minlength=num_images).tolist()
+    if boxes.device.type != "cpu":
+        keep = box_ops.batched_nms(boxes, scores, groups + image_idx * (int(groups.max()) + 1 if len(groups) else 1),
+                                   iou_threshold)
+        img = image_idx[keep]
+        keep = keep[img.sort(stable=True).indices]  # image by image, by decreasing score within each
+        kept = torch.bincount(img, minlength=num_images)
+        rank = torch.arange(len(keep), device=keep.device) - (kept.cumsum(0) - kept).repeat_interleave(
+            kept, output_size=len(keep))
+        keep = keep[rank < max_keep]
+        return list(keep.split(torch.clamp(kept, max=max_keep).tolist()))
+    out, start = [], 0
+    for n in counts:
+        sl = slice(start, start + n)
+        out.append(nms_top(boxes[sl], scores[sl], groups[sl], iou_threshold, max_keep) + start)
+        start += n
+    return out
+
+
+class CachedAnchorGenerator(AnchorGenerator):
+    """torchvision's anchors, computed once per (padded image size, feature sizes) and shared by
+    all images of a batch: they depend on nothing else. Callers must not modify them in place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cache: dict = {}
+
+    def single(self, image_size, grid_sizes, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (tuple(image_size), tuple(tuple(g) for g in grid_sizes), dtype, str(device))
+        anchors = self._cache.get(key)
+        if anchors is None:
+            strides = [[torch.empty((), dtype=torch.int64, device=device).fill_(image_size[0] // g[0]),
+                        torch.empty((), dtype=torch.int64, device=device).fill_(image_size[1] // g[1])]
+                       for g in grid_sizes]
+            self.set_cell_anchors(dtype, device)
+            anchors = torch.cat(self.grid_anchors([list(g) for g in grid_sizes], strides))
+            if len(self._cache) >= 64:  # a bounded cache: padded sizes take few values
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = anchors
+        return anchors
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        anchors = self.single(image_list.tensors.shape[-2:], [f.shape[-2:] for f in feature_maps],
+                              feature_maps[0].dtype, feature_maps[0].device)
+        return [anchors] * len(image_list.image_sizes)
+
+
+class BatchedRPN(RegionProposalNetwork):
+    """torchvision's RPN with its per-image steps done on the whole batch: anchors cached, one
+    decode, matching and box coding on (N, ...) tensors, one sampler with a fixed number of
+    syncs, one NMS kernel call per image over all levels (`nms_top`). Same results up to float
+    rounding and the same random draws; the methods keep torchvision's signatures (PseCo calls
+    `assign_targets_to_anchors` and `compute_loss` on its own maps)."""
+
+    def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]):
+        labels, matched = self._assign(torch.stack(anchors) if anchors[0] is not anchors[-1] else anchors[0],
+                                       targets)
+        return list(labels.unbind(0)), list(matched.unbind(0))
+
+    def _assign(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(N, A) labels (1 fg, 0 bg, -1 ignored) and (N, A, 4) matched boxes; `anchors` is (A, 4)
+        shared by all images or (N, A, 4)."""
+        dtype = anchors.dtype
+        for t in targets:  # as torchvision's box_iou(gt, anchors): the wider of the two dtypes
+            dtype = torch.promote_types(dtype, t["boxes"].dtype)
+        anchors = anchors.to(dtype)
+        gt = torch.nn.utils.rnn.pad_sequence([t["boxes"].to(dtype) for t in targets], batch_first=True)
+        num_images = len(targets)
+        if gt.shape[1] == 0:
+            gt = anchors.new_zeros((num_images, 1, 4))
+        lengths = torch.tensor([len(t["boxes"]) for t in targets]).to(anchors.device, non_blocking=True)
+        gt_valid = torch.arange(gt.shape[1], device=anchors.device)[None] < lengths[:, None]
+        iou = pairwise_iou(gt, anchors if anchors.dim() == 3 else anchors[None])
+        m = self.proposal_matcher
+        matches = match_boxes(iou, gt_valid, m.high_threshold, m.low_threshold, m.allow_low_quality_matches)
+        labels = (matches >= 0).to(torch.float32)
+        labels = torch.where(matches == -2, -1.0, labels)
+        matched = torch.gather(gt, 1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
+        return labels, matched
+
+    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels, regression_targets):
+        labels = torch.stack(list(labels)) if isinstance(labels, (list, tuple)) else labels
+        if isinstance(regression_targets, (list, tuple)):
+            regression_targets = torch.cat(list(regression_targets))
+        pos, neg, _ = sample_balanced(labels >= 1, labels == 0, self.fg_bg_sampler.batch_size_per_image,
+                                      self.fg_bg_sampler.positive_fraction)
+        sampled = torch.cat([pos, neg])
+        labels = labels.reshape(-1)
+        regression_targets = regression_targets.reshape(-1, 4)
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos], regression_targets[pos], beta=1 / 9,
+                                    reduction="sum") / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return objectness_loss, box_loss
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes, num_anchors_per_level):
+        """Top-n per level, clip, drop small and low-scoring boxes, NMS per level, top-n overall."""
+        num_images = proposals.shape[0]
+        device = proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        top_idx, levels, start = [], [], 0
+        for level, n in enumerate(num_anchors_per_level):
+            k = min(self.pre_nms_top_n(), n)
+            top_idx.append(objectness[:, start:start + n].topk(k, dim=1).indices + start)
+            levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
+            start += n
+        top_idx = torch.cat(top_idx, 1)
+        levels = torch.cat(levels)
+        scores = torch.sigmoid(objectness.gather(1, top_idx))
+        boxes = proposals.gather(1, top_idx[..., None].expand(-1, -1, 4))
+        boxes = clip_to_sizes(boxes, size_bounds(image_shapes, device, boxes.dtype)[:, None, :])
+        wh = boxes[..., 2:] - boxes[..., :2]
+        valid = (wh[..., 0] >= self.min_size) & (wh[..., 1] >= self.min_size) & (scores >= self.score_thresh)
+        flat = torch.nonzero(valid.flatten()).squeeze(1)
+        k = valid.shape[1]
+        image_idx = torch.div(flat, k, rounding_mode="floor")
+        flat_boxes, flat_scores = boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat]
+        keeps = nms_per_image(flat_boxes, flat_scores, levels[flat % k], image_idx, num_images,
+                              self.nms_thresh, self.post_nms_top_n())
+        return [flat_boxes[kp] for kp in keeps], [flat_scores[kp] for kp in keeps]
+
+    def forward(self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):
+        features = list(features.values())
+        objectness, pred_bbox_deltas = self.head(features)
+        gen = self.anchor_generator
+        if isinstance(gen, CachedAnchorGenerator):
+            anchors = gen.single(images.tensors.shape[-2:], [f.shape[-2:] for f in features],
+                                 features[0].dtype, features[0].device)
+        else:
+            anchors = gen(images, features)[0]
+        num_images = len(images.image_sizes)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        proposals = decode_boxes(pred_bbox_deltas.detach().view(num_images, -1, 4), anchors, self.box_coder.weights,
+                                 self.box_coder.bbox_xform_clip)
+        boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        losses = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None")
+            labels, matched = self._assign(anchors, targets)
+            regression_targets = encode_boxes(matched, anchors, self.box_coder.weights)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(objectness, pred_bbox_deltas, labels,
+                                                                  regression_targets)
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return boxes, losses
+
+
+# --------------------------------------------------------------------------------------------
 # RoI head
 # --------------------------------------------------------------------------------------------
 def focal_ce_loss(logits: Tensor, labels: Tensor, gamma: float) -> Tensor:
@@ -215,12 +487,22 @@ def pool_by_level(features: dict[int, Tensor], proposals: list[Tensor], canonica
     The strides are given, not inferred: torchvision's MultiScaleRoIAlign infers them from the
     first batch's padded size, which goes wrong on small images with large padding and then stays
     wrong (and makes a resumed run differ from an uninterrupted one).
+
+    All levels are pooled by one weighted gather (`roi_align_gather`) instead of one RoIAlign per
+    level: torchvision's CPU RoIAlign backward was the largest single cost of a demo step.
     """
     boxes = torch.cat(proposals)
-    batch_idx = torch.cat([torch.full((len(p), 1), i, dtype=boxes.dtype, device=boxes.device)
-                           for i, p in enumerate(proposals)])
-    rois = torch.cat([batch_idx, boxes], dim=1)
+    counts = torch.tensor([len(p) for p in proposals], device=boxes.device)
+    image_idx = torch.repeat_interleave(torch.arange(len(proposals), device=boxes.device), counts,
+                                        output_size=len(boxes))
     levels = roi_levels(boxes, canonical_scale)
+    if sampling_ratio <= 0:  # adaptive sampling has a per-RoI number of taps: torchvision per level
+        return _pool_by_level_roi_align(features, boxes, image_idx, levels, output_size, sampling_ratio)
+    return roi_align_gather(features, boxes, image_idx, levels, output_size, sampling_ratio)
+
+
+def _pool_by_level_roi_align(features, boxes, image_idx, levels, output_size, sampling_ratio):
+    rois = torch.cat([image_idx[:, None].to(boxes.dtype), boxes], dim=1)
     some = next(iter(features.values()))
     pooled = some.new_zeros((len(boxes), some.shape[1], output_size, output_size))
     has_source = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
@@ -231,6 +513,69 @@ def pool_by_level(features: dict[int, Tensor], proposals: list[Tensor], canonica
                                     sampling_ratio=sampling_ratio, aligned=False).to(pooled.dtype)
             has_source[idx] = True
     return pooled, has_source
+
+
+def _bilinear_taps(start: Tensor, end: Tensor, size: Tensor, output_size: int, sampling_ratio: int):
+    """Along one axis, RoIAlign's (aligned=False) sample points of every bin and their two
+    bilinear neighbours: (index (R, out, 2 * sr) int64, weight (R, out, 2 * sr)).
+
+    Same arithmetic as torchvision's kernel: bin = max(end - start, 1) / out, samples at
+    start + p * bin + (i + 0.5) * bin / sr; a sample outside [-1, size] weighs 0, one in [-1, 0]
+    is moved to 0, one at or past the last row uses that row only."""
+    bin_size = (end - start).clamp(min=1.0) / output_size
+    p = torch.arange(output_size, dtype=start.dtype, device=start.device)
+    i = torch.arange(sampling_ratio, dtype=start.dtype, device=start.device) + 0.5
+    pos = ((start[:, None] + p * bin_size[:, None])[:, :, None]
+           + (i * bin_size[:, None] / sampling_ratio)[:, None, :])  # (R, out, sr)
+    size = size[:, None, None]
+    inside = (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0)
+    low = pos.floor()
+    last = low >= size - 1
+    low = torch.where(last, size - 1, low)
+    pos = torch.where(last, low, pos)
+    frac = pos - low
+    weight = torch.stack([1.0 - frac, frac], -1) * inside[..., None]
+    index = torch.stack([low, torch.where(last, low, low + 1)], -1).to(torch.int64)
+    return index.flatten(2), weight.flatten(2)
+
+
+def roi_align_gather(features: dict[int, Tensor], boxes: Tensor, image_idx: Tensor, levels: Tensor,
+                     output_size: int = 7, sampling_ratio: int = 2) -> tuple[Tensor, Tensor]:
+    """RoIAlign (aligned=False, fixed sampling ratio) of every RoI from `features[levels[r]]` in
+    one `embedding_bag`: the maps of all levels are rows (pixels) of one table, and each output
+    bin is the weighted sum of its sr * sr samples' four bilinear neighbours. The weights are
+    separable (y taps x x taps), as in torchvision's kernel; results agree to float rounding."""
+    some = next(iter(features.values()))
+    dev, channels = some.device, some.shape[1]
+    n_levels = max(max(features), 5) + 1  # roi_levels() assigns levels 2..5
+    offset, scale, height, width, present = ([0] * n_levels, [0.0] * n_levels, [1] * n_levels,
+                                             [1] * n_levels, [False] * n_levels)
+    tables, rows = [], 0
+    for k, feat in sorted(features.items()):
+        n, _, h, w = feat.shape
+        tables.append(feat.permute(0, 2, 3, 1).reshape(n * h * w, channels))  # a view when channels-last
+        offset[k], scale[k], height[k], width[k], present[k] = rows, 1.0 / 2**k, h, w, True
+        rows += n * h * w
+    table = torch.cat(tables) if len(tables) > 1 else tables[0]
+    compute_dtype = torch.float32 if table.dtype in (torch.float16, torch.bfloat16) else table.dtype
+    lut = torch.tensor([offset, height, width, present], dtype=torch.int64).to(dev, non_blocking=True)
+    lut_scale = torch.tensor(scale, dtype=compute_dtype).to(dev, non_blocking=True)
+    lv = levels.clamp(0, n_levels - 1)
+    row0, h, w, has_source = lut[0, lv], lut[1, lv], lut[2, lv], lut[3, lv].bool()
+    s = lut_scale[lv]
+    b = boxes.to(compute_dtype)
+    yi, yw = _bilinear_taps(b[:, 1] * s, b[:, 3] * s, h.to(compute_dtype), output_size, sampling_ratio)
+    xi, xw = _bilinear_taps(b[:, 0] * s, b[:, 2] * s, w.to(compute_dtype), output_size, sampling_ratio)
+    base = row0 + image_idx * (h * w)
+    index = (base[:, None, None, None, None] + yi[:, :, None, :, None] * w[:, None, None, None, None]
+             + xi[:, None, :, None, :])  # (R, out_y, out_x, taps_y, taps_x)
+    weight = (yw[:, :, None, :, None] * xw[:, None, :, None, :]) * has_source[:, None, None, None, None]
+    r, bins = len(boxes), output_size * output_size
+    pooled = F.embedding_bag(index.reshape(r * bins, -1), table.to(compute_dtype),
+                             per_sample_weights=weight.reshape(r * bins, -1), mode="sum")
+    pooled = (pooled / (sampling_ratio * sampling_ratio)).to(some.dtype)
+    return pooled.view(r, output_size, output_size, channels).permute(0, 3, 1, 2), has_source
 
 
 @dataclass
@@ -293,35 +638,49 @@ class RoIHeads(nn.Module):
     # -- training ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, proposals: list[Tensor], targets: list[dict]) -> RoISamples:
-        """Append target boxes to the proposals, match at IoU 0.5, sample fg/bg RoIs."""
-        props, labels, reg_targets, scores, matched = [], [], [], [], []
-        for p, t in zip(proposals, targets):
-            gt_boxes = t["boxes"].to(p.dtype)
-            gt_labels = t["labels"]
-            gt_scores = t.get("scores", torch.ones(len(gt_boxes), device=p.device))
-            p = torch.cat([p, gt_boxes])
-            if len(gt_boxes) == 0:
-                idx = torch.zeros(len(p), dtype=torch.int64, device=p.device)
-                lab = torch.full((len(p),), self.num_classes, dtype=torch.int64, device=p.device)
-                sc = torch.zeros(len(p), device=p.device)
-                matched_boxes = torch.zeros_like(p)
-            else:
-                match = self.matcher(box_ops.box_iou(gt_boxes, p))
-                idx = match.clamp(min=0)
-                lab = gt_labels[idx].clone()
-                sc = gt_scores[idx].clone()
-                bg = match < 0  # BELOW_LOW_THRESHOLD and BETWEEN_THRESHOLDS are both background here
-                lab[bg] = self.num_classes
-                matched_boxes = gt_boxes[idx]
-            # torchvision's sampler treats label >= 1 as positive; shift so background is 0 there.
-            pos_mask, neg_mask = self.sampler([torch.where(lab == self.num_classes, 0, lab + 1)])
-            keep = torch.where(pos_mask[0] | neg_mask[0])[0]
-            props.append(p[keep])
-            labels.append(lab[keep])
-            scores.append(sc[keep])
-            matched.append(idx[keep])
-            reg_targets.append(self.box_coder.encode_single(matched_boxes[keep], p[keep]))
-        return RoISamples(props, torch.cat(labels), torch.cat(reg_targets), torch.cat(scores), matched)
+        """Append target boxes to the proposals, match at IoU 0.5, sample fg/bg RoIs.
+
+        All images at once on padded (N, L) tensors; the random draws are torchvision's sampler's."""
+        dtype, device = proposals[0].dtype, proposals[0].device
+        gt = [t["boxes"].to(dtype) for t in targets]
+        candidates = [torch.cat([p, g]) for p, g in zip(proposals, gt)]
+        pad = torch.nn.utils.rnn.pad_sequence
+        boxes = pad(candidates, batch_first=True)  # (N, L, 4)
+        lengths = torch.tensor([[len(c), len(g)] for c, g in zip(candidates, gt)]).to(device, non_blocking=True)
+        gt_boxes = pad(gt, batch_first=True)
+        gt_labels = pad([t["labels"] for t in targets], batch_first=True)
+        scores = [t.get("scores", torch.ones(len(g), device=device)) for t, g in zip(targets, gt)]
+        score_dtype = scores[0].dtype
+        for sc in scores[1:]:
+            score_dtype = torch.promote_types(score_dtype, sc.dtype)
+        gt_scores = pad([sc.to(score_dtype) for sc in scores], batch_first=True)
+        if gt_boxes.shape[1] == 0:  # no image has a target: one invalid row keeps the shapes
+            gt_boxes = boxes.new_zeros((len(gt), 1, 4))
+            gt_labels = torch.zeros((len(gt), 1), dtype=torch.int64, device=device)
+            gt_scores = torch.zeros((len(gt), 1), dtype=score_dtype, device=device)
+        valid = torch.arange(boxes.shape[1], device=device)[None] < lengths[:, :1]
+        gt_valid = torch.arange(gt_boxes.shape[1], device=device)[None] < lengths[:, 1:]
+        m = self.matcher
+        match = match_boxes(pairwise_iou(gt_boxes, boxes), gt_valid, m.high_threshold, m.low_threshold,
+                            m.allow_low_quality_matches)
+        idx = match.clamp(min=0)
+        # an image without targets: torchvision's path gives index 0, background, score 0, zero boxes
+        has_gt = gt_valid[:, :1]
+        labels = torch.where((match < 0) | ~has_gt, self.num_classes, gt_labels.gather(1, idx))
+        matched_scores = torch.where(has_gt, gt_scores.gather(1, idx), 0)
+        matched_boxes = torch.gather(gt_boxes, 1, idx[..., None].expand(-1, -1, 4))
+        bg = labels == self.num_classes
+        pos, neg, per_image = sample_balanced(~bg & valid, bg & valid, self.sampler.batch_size_per_image,
+                                              self.sampler.positive_fraction)
+        keep = torch.cat([pos, neg]).sort().values
+        flat_boxes = boxes.reshape(-1, 4)[keep]
+        return RoISamples(
+            proposals=list(flat_boxes.split(per_image)),
+            labels=labels.reshape(-1)[keep],
+            regression_targets=encode_boxes(matched_boxes.reshape(-1, 4)[keep], flat_boxes, self.box_coder.weights),
+            matched_scores=matched_scores.reshape(-1)[keep],
+            matched_idxs=list(idx.reshape(-1)[keep].split(per_image)),
+        )
 
     def box_features(self, features: dict[str, Tensor], proposals: list[Tensor]) -> Tensor:
         """E(RoIAlign(P2..P5)): the main branch's box features."""
@@ -358,21 +717,23 @@ class RoIHeads(nn.Module):
     @torch.no_grad()
     def postprocess(self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes) -> list[dict]:
         """Class scores, class-specific boxes, score threshold, per-class NMS, top-k."""
-        boxes_per_image = [len(p) for p in proposals]
-        pred_boxes = self.box_coder.decode(deltas, proposals).reshape(len(deltas), self.num_classes, 4)
-        scores = self.class_scores(logits)
-        out = []
-        for boxes, sc, size in zip(pred_boxes.split(boxes_per_image), scores.split(boxes_per_image), image_sizes):
-            boxes = box_ops.clip_boxes_to_image(boxes, size)
-            labels = torch.arange(self.num_classes, device=sc.device).expand_as(sc)
-            boxes, sc, labels = boxes.reshape(-1, 4), sc.reshape(-1), labels.reshape(-1)
-            keep = torch.where(sc > self.score_thresh)[0]
-            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(boxes, 1e-2)
-            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.batched_nms(boxes, sc, labels, self.nms_thresh)[: self.detections_per_img]
-            out.append({"boxes": boxes[keep], "scores": sc[keep], "labels": labels[keep]})
-        return out
+        counts = [len(p) for p in proposals]
+        k = self.num_classes
+        device = logits.device
+        pred_boxes = self.box_coder.decode(deltas, proposals).reshape(len(deltas), k, 4)
+        image_of_roi = torch.repeat_interleave(torch.arange(len(proposals), device=device),
+                                               torch.tensor(counts, device=device), output_size=len(deltas))
+        bounds = size_bounds(image_sizes, device, pred_boxes.dtype)[image_of_roi]
+        boxes = clip_to_sizes(pred_boxes, bounds[:, None, :]).reshape(-1, 4)
+        scores = self.class_scores(logits).reshape(-1)
+        wh = boxes[:, 2:] - boxes[:, :2]
+        keep = torch.nonzero((scores > self.score_thresh) & (wh[:, 0] >= 1e-2) & (wh[:, 1] >= 1e-2)).squeeze(1)
+        boxes, scores = boxes[keep], scores[keep]
+        labels = keep % k
+        image_idx = image_of_roi[torch.div(keep, k, rounding_mode="floor")]
+        keeps = nms_per_image(boxes, scores, labels, image_idx, len(proposals), self.nms_thresh,
+                              self.detections_per_img)
+        return [{"boxes": boxes[kp], "scores": scores[kp], "labels": labels[kp]} for kp in keeps]
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +818,8 @@ class FasterRCNN(nn.Module):
 def build_faster_rcnn(cfg, num_classes: int) -> FasterRCNN:
     """Build the detector described by a `ModelConfig`."""
     backbone = build_backbone(cfg.arch, cfg.weights, cfg.trainable_layers, cfg.fpn_channels)
-    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
-    rpn = RegionProposalNetwork(
+    anchors = CachedAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+    rpn = BatchedRPN(
         anchors,
         RPNHead(backbone.out_channels, 3),
         fg_iou_thresh=0.7,
