@@ -265,7 +265,8 @@ def test_background_weights_come_from_the_teacher_on_the_mapped_rois(setting):
         with torch.no_grad():
             bg_bias[-1] = bias
         teacher_out = adapter.pseudo_label(images_t)
-        losses, fwd, w, _ = adapter.student_unsup([v.image for v in views], empty, truth, reg_set, teacher_out, to_teacher)
+        losses, fwd, w, _ = adapter.student_unsup([v.image for v in views], empty, truth, reg_set, teacher_out,
+                                                  to_teacher)
         labels = fwd.samples.labels
         fg = labels < K
         assert fg.any() and (~fg).any()
