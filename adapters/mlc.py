@@ -1,5 +1,5 @@
 """MLC: multi-view label-level consistency, the label-level half of PseCo's MSL (Li et al., ECCV 2022,
-section 3.3; ssod_methods.md 4.2 step 4), as a toggle any Faster R-CNN adapter can add.
+section 3.3), as a toggle any Faster R-CNN adapter can add.
 
 The student also learns from a 0.5x copy of its unlabeled view, with the same pseudo-boxes scaled by
 0.5: a detector whose predictions are consistent across scales predicts the scaled boxes there.

@@ -1,6 +1,6 @@
 """PseCo (Li et al., ECCV 2022; ligang-cs/PseCo, `PseCo_FRCNN`), with the LSM and MLC toggles.
 
-Per iteration after burn-in (ssod_methods.md 4.2):
+Per iteration after burn-in (the original's `PseCo_FRCNN`):
 - the teacher (weak view: resize + flip) proposes (RPN), detects (score 0.05, NMS 0.5, top 100) and
   keeps detections with score > `initial_score_thr` (0.3) as pseudo-boxes; its class scores and
   box deltas on its own proposals are kept for PLA;
@@ -16,7 +16,7 @@ Per iteration after burn-in (ssod_methods.md 4.2):
   the shifted pyramid (`*_v2` losses);
 - all unsupervised terms x lambda_u (`unsup_weight` 2.0) x a linear ramp over `unsup_warmup`
   iterations after burn-in (the original's unsup_start_iter / unsup_warmup_iter);
-- teacher = EMA of the student's parameters, Soft Teacher's warm-up formula (pitfall 5).
+- teacher = EMA of the student's parameters, Soft Teacher's warm-up formula.
 
 Read off `training_step` (LSM paper Eq. 3 with PseCo's unsupervised terms):
     L = L_sup + lambda_u * ramp * (L_rpn + L_cls + L_reg^PCV + L_rpn^v2 + L_cls^v2 + L_reg^PCV,v2

@@ -1,6 +1,6 @@
 """Soft Teacher (Xu et al., ICCV 2021; original mmdet 2.x code), with the LSM toggle.
 
-Per iteration after burn-in (ssod_methods.md 3.1; the original has burn_in 0):
+Per iteration after burn-in (the original has burn_in 0):
 - the teacher detects on the unlabeled teacher view (resize + flip); detections with score >
   `initial_score_thr` (0.5) are pseudo-boxes, each with a box-jitter uncertainty (10 jittered
   copies refined by the teacher's RoI head; mean over the 4 coordinates of std / box side);
@@ -109,7 +109,7 @@ def select(pseudo: list[dict], masks: list[Tensor]) -> list[dict]:
 
 def split_pseudo_labels(pseudo: list[dict], initial_thr: float, rpn_thr: float, cls_thr: float,
                         reg_unc_thr: float) -> dict[str, list[dict]]:
-    """The three pseudo-box sets of Soft Teacher (pitfall 9): RPN by score, RoI classification by
+    """The three pseudo-box sets of Soft Teacher (not one thresholded set): RPN by score, RoI classification by
     score, RoI regression by box uncertainty among the boxes above the initial score threshold."""
     return {
         "rpn": select(pseudo, [p["scores"] > rpn_thr for p in pseudo]),
@@ -160,7 +160,7 @@ def ema_momentum(step: int, keep_rate: float, warm_up: int = 0) -> float:
 
 class SoftTeacherEMAHook(MeanTeacherHook):
     """Teacher <- full copy of the student before iteration `start` (the original clones at
-    iteration 0), then EMA of the parameters only with the warm-up momentum (pitfall 5)."""
+    iteration 0), then EMA of the parameters only (not the buffers) with the warm-up momentum."""
 
     def __init__(self, teacher, student, start: int, keep_rate: float, warm_up: int = 0, on_copy=None):
         super().__init__(teacher, student, start, keep_rate, include_buffers=False, on_copy=on_copy)
@@ -207,7 +207,7 @@ class SoftTeacher(MeanTeacherAdapter):
 
     def eval_models(self) -> dict:
         # The original evaluates the student (inference_on="student"), and the paper's SoftTeacher
-        # row is the Soft Teacher paper's numbers; the teacher is logged beside it (pitfall 4, 11).
+        # row is the Soft Teacher paper's numbers; the teacher is logged beside it.
         return {"student": self.student, "teacher": self.teacher}
 
     # ------------------------------------------------------------------------------------------

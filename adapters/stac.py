@@ -1,6 +1,6 @@
 """STAC (Sohn et al., 2020; google-research/ssl_detection), with the LSM toggle.
 
-Three stages (ssod_methods.md 5.1):
+Three stages (google-research/ssl_detection):
 1. teacher: the `supervised` cell of the same split (labeled images only, resize + flip);
 2. offline pseudo-labels: the frozen teacher detects on every unlabeled image once
    (`generate_pseudo_labels`); the detections are stored as a COCO JSON file (`write_pseudo_labels`)
@@ -257,7 +257,7 @@ class StacAdapter(Adapter):
     def __init__(self, cfg, num_classes: int, device: torch.device):
         from adapters.lsm import PIM, attach_aux_classifier, init_aux_from_main
 
-        super().__init__(cfg, num_classes, device)  # a fresh detector from model.weights (pitfall 12)
+        super().__init__(cfg, num_classes, device)  # a fresh detector from model.weights, never the teacher's
         self.stac = cfg.stac
         self.lsm = cfg.lsm
         self.pim = None

@@ -1,6 +1,6 @@
 """Unbiased Teacher (Liu et al., ICLR 2021), with the LSM toggle (Liu et al., IJCAI 2023).
 
-Per iteration (official `run_step_full_semisup`, ssod_methods.md 2.1):
+Per iteration (the official `run_step_full_semisup`):
 - burn-in (iteration < burn_in): supervised loss on the labeled strong + weak views;
 - at burn_in the teacher becomes a copy of the student, then EMA (keep 0.9996, buffers included)
   before every step (MeanTeacherHook);

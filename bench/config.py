@@ -221,7 +221,7 @@ class DDETRConfig(_Strict):
     num_queries: int = Field(300, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     detections_per_img: int = Field(100, ge=1)
-    # official matcher costs and loss coefficients (ssod_methods.md 6.3); HF's defaults differ
+    # the official matcher costs and loss coefficients; HF's defaults differ
     class_cost: float = Field(2.0, ge=0)
     bbox_cost: float = Field(5.0, ge=0)
     giou_cost: float = Field(2.0, ge=0)

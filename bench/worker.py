@@ -156,8 +156,8 @@ def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_ru
         distributed.per_rank_batch(cfg.solver.ims_per_batch_labeled, "solver.ims_per_batch_labeled")
         if get_adapter(cfg.method).unlabeled_views:
             distributed.per_rank_batch(cfg.solver.ims_per_batch_unlabeled, "solver.ims_per_batch_unlabeled")
-    # The split is made once, by rank 0; the other ranks read its manifest (pitfall 2 of
-    # ssod_methods.md: per-process splits train each GPU on a different labeled subset).
+    # The split is made once, by rank 0; the other ranks read its manifest (splits made per
+    # process would train each GPU on a different labeled subset).
     data = distributed.main_first(lambda: prepare_data(cfg.data, home))
     distributed.check_same(data.manifest.sha256, "the split manifest's sha256")
     key = cell_key(cfg, data)
