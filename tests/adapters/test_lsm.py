@@ -109,6 +109,11 @@ def test_ignore_region_leaves_uncertain_rois_out_of_the_main_classification():
     ignore = uncertain_rois(rois, uncertain_marks(pseudo_alpha, t=0.7))
     assert ignore.tolist() == [False, True, False, True, False, True]
     heads = RoIHeads(2, 1, ModelConfig(representation_size=8))  # cross-entropy, mean over RoIs
+    # the main branch's own matching (targets: A only) makes the uncertain RoIs background (r1, r3)
+    # or foreground of A (r5); A itself is appended as a proposal and stays certain
+    samples = heads.sample(rois, [{"boxes": pseudo_alpha[0]["boxes"][:1], "labels": torch.tensor([0])}])
+    assert samples.labels.tolist() == labels.tolist() + [0]
+    assert uncertain_rois(samples.proposals, uncertain_marks(pseudo_alpha, t=0.7)).tolist() == ignore.tolist() + [False]
     # CE of logits [a, 0, 0]: label 0 -> log(e^a + 2) - a, background -> log(e^a + 2)
     # on: r0 ln2, r2 ln3, r4 ln4 -> mean ln(24) / 3; the ignored RoIs add nothing, not even to the count
     on = main_cls_loss(heads, logits, labels, ignore)
