@@ -26,72 +26,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import summary, time_it
+from _common import build, summary, time_it
+from _common import make_step as common_step
 
 import torch
 
-from adapters.base import get_adapter
-from bench.config import load_config
-from bench.data.sources import prepare_data
-from bench.worker import batch_stream, seed_everything
-
 
 METHODS = ("ubteacher", "softteacher", "pseco", "stac", "ddetr")
-# The table rows' own settings (bench/specs/table1.yaml), so each method runs as on Table 1.
-ROW_OVERRIDES = {"softteacher": ["semi.t=0.9", "model.cls_loss=ce"], "pseco": ["semi.t=0.5", "semi.lambda_u=2.0"],
-                 "ddetr": ["ddetr.strategy=stac"]}
-
-
-def build(method: str, preset: str, lsm: bool, device: str, home: Path, overrides: list[str]):
-    """(config, adapter at the start of its semi-supervised phase, one batch of that iteration)."""
-    from bench import burn_in
-    from bench.burn_in import burn_in_config
-    from bench.keys import cell_key
-    from bench.paths import run_dir
-    from bench.teacher import attach_pseudo_labels, teacher_config
-    from bench.worker import run_cell
-
-    extra = ["lsm.alpha=0.3"] if method == "pseco" else []
-    cfg = load_config(preset, overrides + ROW_OVERRIDES.get(method, []) + extra +
-                      [f"device={device}", f"lsm.enabled={str(lsm).lower()}"], method=method)
-    data = prepare_data(cfg.data, home)
-    dev = torch.device(device)
-    seed_everything(cfg.seed)
-    adapter = get_adapter(method)(cfg, data.num_classes, dev)
-    start = 0
-    if (bcfg := burn_in_config(cfg)) is not None:
-        run_cell(bcfg, home, track=False, progress=False)
-        state = torch.load(run_dir(home, cell_key(bcfg, data)) / burn_in.CHECKPOINT, map_location="cpu",
-                           weights_only=False)
-        adapter.student.load_state_dict(state["model"], strict=False)  # F_aux is not in a burn-in
-        adapter.teacher.load_state_dict(adapter.student.state_dict())
-        if (copy_hook := adapter.on_teacher_copy()) is not None:
-            copy_hook()
-        start = cfg.semi.burn_in
-    elif teacher_config(cfg) is not None:
-        attach_pseudo_labels(adapter, cfg, home, data, dev, track=False, progress=False)
-    batch = next(batch_stream(cfg, adapter, data, start))
-    return cfg, adapter, batch, start
 
 
 def make_step(args, lsm: bool):
     """One training step of the method (with or without LSM) from the start of its semi-supervised
     phase, on a fixed batch: the callable that is timed."""
-    device = torch.device(args.device)
     cfg, adapter, batch, start = build(args.method, args.preset, lsm, args.device, Path(args.home), args.overrides)
-    opt = torch.optim.SGD(adapter.student.parameters(), lr=1e-5)
-    amp = cfg.solver.amp and device.type == "cuda"  # as the Trainer: fp16 autocast + loss scaling
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            out = adapter.training_step(start, batch)
-        opt.zero_grad()
-        scaler.scale(sum(out.losses.values())).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    return step
+    return common_step(cfg, adapter, batch, start, torch.device(args.device))
 
 
 def run_paired(args) -> dict:

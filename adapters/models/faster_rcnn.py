@@ -31,7 +31,7 @@ from torchvision.ops import roi_align
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from adapters.models.frozen_bn import fold_frozen_batchnorm
+from adapters.models.frozen_bn import fold_frozen_batchnorm, use_pointwise_convs
 from bench.errors import BenchError
 
 # FPN feature names produced by the backbone, and the pyramid level each one is.
@@ -49,11 +49,14 @@ class _Renamed(nn.Module):
 
     The trunk and FPN run in channels-last layout: oneDNN's CPU convolutions took half the time of
     the default layout's on the demo's MobileNetV2 (measured), and it is cuDNN's layout for fp16.
+    Their 1x1 convolutions run as matrix products (frozen_bn.PointwiseConv2d): 12% of the demo
+    trunk's forward on one CPU thread.
     """
 
     def __init__(self, body: nn.Module, out_channels: int):
         super().__init__()
         self.body = body.to(memory_format=torch.channels_last)
+        use_pointwise_convs(self.body)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
@@ -540,6 +543,26 @@ def _bilinear_taps(start: Tensor, end: Tensor, size: Tensor, output_size: int, s
     return index.flatten(2), weight.flatten(2)
 
 
+class _WeightedGather(torch.autograd.Function):
+    """out[b] = sum_t weight[b, t] * table[index[b, t]]: `embedding_bag` forward; its backward as
+    one sparse (rows x bins) product, half the time of embedding_bag's own (which sorts the indices)."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weight)
+        ctx.rows = table.shape[0]
+        return F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, weight = ctx.saved_tensors
+        bins, taps = index.shape
+        cols = torch.arange(bins, device=index.device).repeat_interleave(taps)
+        scatter = torch.sparse_coo_tensor(torch.stack([index.reshape(-1), cols]), weight.reshape(-1).to(grad.dtype),
+                                          (ctx.rows, bins), check_invariants=False)
+        return torch.sparse.mm(scatter, grad.contiguous()), None, None
+
+
 def roi_align_gather(features: dict[int, Tensor], boxes: Tensor, image_idx: Tensor, levels: Tensor,
                      output_size: int = 7, sampling_ratio: int = 2) -> tuple[Tensor, Tensor]:
     """RoIAlign (aligned=False, fixed sampling ratio) of every RoI from `features[levels[r]]` in
@@ -572,8 +595,7 @@ def roi_align_gather(features: dict[int, Tensor], boxes: Tensor, image_idx: Tens
              + xi[:, None, :, None, :])  # (R, out_y, out_x, taps_y, taps_x)
     weight = (yw[:, :, None, :, None] * xw[:, None, :, None, :]) * has_source[:, None, None, None, None]
     r, bins = len(boxes), output_size * output_size
-    pooled = F.embedding_bag(index.reshape(r * bins, -1), table.to(compute_dtype),
-                             per_sample_weights=weight.reshape(r * bins, -1), mode="sum")
+    pooled = _WeightedGather.apply(table.to(compute_dtype), index.reshape(r * bins, -1), weight.reshape(r * bins, -1))
     pooled = (pooled / (sampling_ratio * sampling_ratio)).to(some.dtype)
     return pooled.view(r, output_size, output_size, channels).permute(0, 3, 1, 2), has_source
 
@@ -830,4 +852,5 @@ def build_faster_rcnn(cfg, num_classes: int) -> FasterRCNN:
         post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
         nms_thresh=0.7,
     )
+    use_pointwise_convs(rpn.head)  # its objectness and box convs see the FPN's channels-last maps
     return FasterRCNN(backbone, rpn, RoIHeads(num_classes, backbone.out_channels, cfg))

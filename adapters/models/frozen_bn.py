@@ -10,8 +10,45 @@ weights and the mean teacher's EMA see the same keys as before.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped convolution: a matrix product over the channels."""
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """A 1x1 convolution of a channels-last map as one matrix product, or None for another layout.
+
+    With one thread and a batch under 16, PyTorch runs 1x1 convolutions through its unfold-and-
+    multiply fallback, which copies the bias and the output around the product; as a linear
+    layer over the (N, H, W, C) view it is the product alone (the same values: the same GEMM)."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) or x.shape[1] == 1:
+        return None
+    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 Conv2d that runs as a linear layer on channels-last inputs (same parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = pointwise_conv(x, self.weight, self.bias)
+        return self._conv_forward(x, self.weight, self.bias) if out is None else out
+
+
+def use_pointwise_convs(module: nn.Module) -> int:
+    """Make every plain 1x1 Conv2d in `module` a PointwiseConv2d; returns the count."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Conv2d and m.padding_mode == "zeros" and is_pointwise(m):
+            m.__class__ = PointwiseConv2d
+            n += 1
+    return n
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -34,6 +71,8 @@ class ConvWithFrozenBN(nn.Conv2d):
         scale, shift = self.bn[0].scale_shift()
         weight = self.weight * scale.view(-1, 1, 1, 1)
         bias = shift if self.bias is None else shift + self.bias * scale
+        if is_pointwise(self) and (out := pointwise_conv(x, weight, bias)) is not None:
+            return out
         return self._conv_forward(x, weight, bias)
 
 
