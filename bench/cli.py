@@ -401,11 +401,13 @@ def data_fetch(
 
 @data_app.command("check")
 def data_check(path: Path = typer.Argument(..., help="A COCO JSON file or a VOC root."),
-               image_dir: Optional[Path] = typer.Option(None, help="Image directory (COCO) if not next to the JSON.")):
-    """Validate a data set and print a summary (boxes per class, sizes, problems)."""
+               image_dir: Optional[Path] = typer.Option(None, help="Image directory (COCO) if not next to the JSON."),
+               area_scale: float = typer.Option(1.0, min=1e-3, help="Scale of COCO's 32 and 96 px size bounds, as a "
+                                                "preset's eval.area_scale (the demo's 128 px images: 0.2).")):
+    """Validate a data set and print a summary (boxes per class, size fractions, problems)."""
     from bench.data.check import check_dataset, format_summary
 
-    summary = check_dataset(path, image_dir=image_dir)
+    summary = check_dataset(path, image_dir=image_dir, area_scale=area_scale)
     console.print(format_summary(summary))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapters import registry
 from bench.burn_in import burn_in_config
-from bench.config import RunConfig, load_config
+from bench.config import RunConfig, load_config, preset_table_ratios
 from bench.data.sources import prepare_data
 from bench.paths import run_dir
 from bench.keys import cell_key
@@ -126,6 +126,7 @@ def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | 
                overrides: list[str] | None = None) -> tuple[list[Cell], list[str]]:
     """(burn-in cells + cells of the implemented rows, notes on what was skipped and why)."""
     base = load_config(preset, overrides or [])
+    default_ratios = None if ratios else preset_table_ratios(preset)
     notes, cells, data_cache, starts = [], [], {}, {}
     for row in spec.rows:
         if spec.row_status(row) != "implemented":
@@ -139,6 +140,12 @@ def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | 
             continue
         ratio = col.overrides.get("data.ratio")
         if ratios and ratio is not None and float(ratio) not in ratios:
+            continue
+        if default_ratios and ratio is not None and float(ratio) not in default_ratios:
+            if col.id not in skipped_columns:
+                notes.append(f"column {col.id}: not among preset {preset}'s table ratios "
+                             f"({', '.join(f'{r:g}' for r in default_ratios)}); run it with --ratios {ratio:g}")
+                skipped_columns.add(col.id)
             continue
         for seed in range(1, seeds + 1):
             args = (overrides or []) + spec.cell_override_args(row, col) + [f"data.fold={seed}", f"seed={seed}"]

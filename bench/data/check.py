@@ -17,7 +17,7 @@ from bench.data.types import DetectionDataset
 from bench.data.voc import load_voc
 from bench.errors import BenchError
 
-SMALL, MEDIUM = 32**2, 96**2  # COCO area thresholds
+SMALL, MEDIUM = 32.0, 96.0  # COCO's size bounds (sides of the area thresholds)
 _MAX_LISTED = 5
 
 
@@ -34,11 +34,12 @@ def _image_dir_for(json_path: Path) -> Path:
 
 
 def check_dataset(path: Path, image_dir: Path | None = None, image_set: str = "trainval",
-                  verify_sizes: int = 50) -> dict:
+                  verify_sizes: int = 50, area_scale: float = 1.0) -> dict:
     """Validate a COCO JSON (images next to it, see ``_image_dir_for``) or a VOC root; return a summary.
 
     ``verify_sizes``: how many images (evenly spread) to open to compare their size with the
-    annotation; 0 skips it, -1 opens all.
+    annotation; 0 skips it, -1 opens all. ``area_scale`` scales COCO's size bounds as the
+    evaluation does (a preset's ``eval.area_scale``), so the size mix reported is the one scored.
     """
     path = Path(path)
     if path.is_dir():
@@ -53,10 +54,12 @@ def check_dataset(path: Path, image_dir: Path | None = None, image_set: str = "t
         areas_by_ann = ds.stats.get("areas", {})
     else:
         raise BenchError(f"{path} does not exist; pass a COCO annotation JSON or a VOC root folder")
-    return _summarise(ds, fmt, path, areas_by_ann, verify_sizes)
+    return _summarise(ds, fmt, path, areas_by_ann, verify_sizes, area_scale)
 
 
-def _summarise(ds: DetectionDataset, fmt: str, path: Path, areas_by_ann: dict, verify_sizes: int) -> dict:
+def _summarise(ds: DetectionDataset, fmt: str, path: Path, areas_by_ann: dict, verify_sizes: int,
+               area_scale: float) -> dict:
+    small, medium = (SMALL * area_scale) ** 2, (MEDIUM * area_scale) ** 2
     per_class: Counter = Counter()
     hist = {"small": 0, "medium": 0, "large": 0}
     crowd = tiny = 0
@@ -71,7 +74,7 @@ def _summarise(ds: DetectionDataset, fmt: str, path: Path, areas_by_ann: dict, v
                 continue
             per_class[ds.categories[lab]["name"]] += 1
             area = areas_by_ann.get(aid, w * h) if aid >= 0 else w * h
-            hist["small" if area < SMALL else "medium" if area < MEDIUM else "large"] += 1
+            hist["small" if area < small else "medium" if area < medium else "large"] += 1
             tiny += min(w, h) < 1.0
 
     problems: list[str] = []
@@ -109,10 +112,19 @@ def _summarise(ds: DetectionDataset, fmt: str, path: Path, areas_by_ann: dict, v
         "classes": ds.num_classes,
         "boxes_per_class": {c["name"]: per_class[c["name"]] for c in ds.categories},
         "area": hist,
+        "area_scale": area_scale,
         "crowd": crowd,
         "clipped_boxes": clipped,
         "problems": problems,
     }
+
+
+def _format_area(hist: dict, area_scale: float) -> str:
+    total = max(sum(hist.values()), 1)
+    bounds = f"{SMALL * area_scale:g}^2, {MEDIUM * area_scale:g}^2"
+    scale = "" if area_scale == 1.0 else f", COCO's scaled by {area_scale:g}"
+    return ("area: " + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in hist.items())
+            + f"  (thresholds {bounds}{scale})")
 
 
 def format_summary(summary: dict) -> str:
@@ -122,7 +134,7 @@ def format_summary(summary: dict) -> str:
         f"images: {summary['images']} ({summary['images_without_boxes']} without boxes)",
         f"boxes: {summary['boxes']} in {summary['classes']} classes, crowd/difficult: {summary['crowd']}, "
         f"clipped: {summary['clipped_boxes']}",
-        "area: " + ", ".join(f"{k} {v}" for k, v in summary["area"].items()) + "  (COCO thresholds 32^2, 96^2)",
+        _format_area(summary["area"], summary.get("area_scale", 1.0)),
         "boxes per class:",
     ]
     width = max((len(n) for n in summary["boxes_per_class"]), default=0)

@@ -164,7 +164,11 @@ def test_check_dataset_summary(tmp_path):
     assert "1 image file(s) missing" in text and "image 3" in text
     assert "image 2: file 100x200 vs annotation 200x200" in text
     out = format_summary(s)
-    assert "images: 3 (1 without boxes)" in out and "small 1, medium 1, large 1" in out
+    assert "images: 3 (1 without boxes)" in out and "small 1 (33.3%), medium 1 (33.3%), large 1 (33.3%)" in out
+    # the demo's scaled bounds (eval.area_scale 0.2: 6.4^2 and 19.2^2): the 10 px box is medium
+    scaled = check_dataset(root / "annotations" / "instances_val.json", area_scale=0.2)
+    assert scaled["area"] == {"small": 0, "medium": 1, "large": 2}
+    assert "thresholds 6.4^2, 19.2^2, COCO's scaled by 0.2" in format_summary(scaled)
     elsewhere = tmp_path / "elsewhere" / "instances_val.json"
     elsewhere.parent.mkdir()
     elsewhere.write_text((root / "annotations" / "instances_val.json").read_text())
