@@ -294,3 +294,23 @@ def test_detect_and_train_forward_match_the_reference_pipeline():
     for a, b in zip(dets, ref_dets):
         for k in ("boxes", "scores", "labels"):
             torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+
+
+def test_ema_update_matches_per_tensor_update():
+    from adapters.engine.ema import ema_update
+
+    torch.manual_seed(0)
+    student, teacher = build_faster_rcnn(tiny_cfg(), 3), build_faster_rcnn(tiny_cfg(), 3)
+    student.train()(*model_and_batch()[1:])  # train-mode BatchNorm: running statistics and counters move
+    for include_buffers in (True, False):
+        want = {k: v.clone() for k, v in teacher.state_dict().items()}
+        s_state = student.state_dict()
+        names = want if include_buffers else dict(teacher.named_parameters())
+        for name in names:
+            if want[name].dtype.is_floating_point:
+                want[name].mul_(0.9).add_(s_state[name], alpha=1 - 0.9)
+            else:
+                want[name].copy_(s_state[name])
+        ema_update(teacher, student, 0.9, include_buffers)
+        for k, v in teacher.state_dict().items():
+            assert torch.equal(v, want[k]), k
