@@ -11,9 +11,11 @@ variant (without LSM, with `lsm.enabled=true`; Supervised has no LSM variant) it
   inference, pseudo-labels (filtering and their statistics), student forward, losses, LSM (PIM/SD
   heads), backward, optimizer, EMA, and the rest of the method's step;
 - host-synchronising ops per step: calls that make the host wait for the device (`nonzero`,
-  `item`/`_local_scalar_dense`, boolean-mask indexing, `masked_select`, `unique`, NMS, `.cpu()`,
+  `item`/`_local_scalar_dense`, boolean-mask indexing, `masked_select`, `unique`, `.cpu()`,
   `.tolist()`, `.numpy()`), counted by a dispatch mode over one step; on a CPU they cost nothing
-  but they are the ones that stall a GPU. `--sites` lists where in the code they are called;
+  but they are the ones that stall a GPU. NMS kernel calls are counted apart (on a GPU each one
+  syncs; the detector makes one per batch there, one per image on a CPU, where the kernel's
+  cost grows with the candidates of a call). `--sites` lists where the syncs are called;
 - achieved FLOP/s (matmul and convolution FLOPs of one step, counted by torch's FlopCounterMode,
   over the step time) against the peak of a large matmul measured in the same run.
 """
@@ -111,7 +113,7 @@ def instrument(adapter, timer: PhaseTimer) -> None:
 
 # ----------------------------------------------------------------------------- host syncs
 SYNC_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "_unique", "_unique2", "unique_dim",
-            "unique_consecutive", "nms", "equal", "is_nonzero"}
+            "unique_consecutive", "equal", "is_nonzero"}
 
 
 class SyncCounter(TorchDispatchMode):
@@ -120,6 +122,7 @@ class SyncCounter(TorchDispatchMode):
     def __init__(self, sites: bool):
         super().__init__()
         self.counts = collections.Counter()
+        self.nms = 0  # NMS kernel calls: a sync on a GPU (their output size), host work on a CPU
         self.sites = collections.Counter() if sites else None
 
     def note(self, name: str) -> None:
@@ -133,7 +136,9 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in SYNC_OPS:
+        if name == "nms":
+            self.nms += 1
+        elif name in SYNC_OPS:
             self.note(name)
         elif name in ("index", "index_put", "index_put_", "_index_put_impl_"):
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
@@ -218,6 +223,7 @@ def profile(method: str, lsm: bool, args) -> dict:
         "step": step_time,
         "phases": {p: statistics.median(t.get(p, 0.0) for t in phase_times) for p in PHASES},
         "syncs": dict(counter.counts),
+        "nms": counter.nms,
         "sites": counter.sites,
         "flops": flops.get_total_flops(),
         "images": sum(len(v) for v in batch.values() if isinstance(v, list)),
@@ -257,17 +263,17 @@ def main() -> None:
             achieved = r["flops"] / r["step"]
             print(f"\n{label}: step {r['step'] * 1000:.1f} ms ({r['images']} images)\n"
                   f"  phases (ms): {ph}\n"
-                  f"  host syncs per step: {sum(r['syncs'].values())} ({syncs or 'none'})\n"
+                  f"  host syncs per step: {sum(r['syncs'].values())} ({syncs or 'none'}); NMS kernel calls {r['nms']}\n"
                   f"  FLOPs per step {r['flops'] / 1e9:.2f} G: {achieved / 1e9:.2f} GFLOP/s achieved, "
                   f"{100 * achieved / peak:.1f}% of the matmul peak", flush=True)
             if args.sites and r["sites"]:
                 for (op, where), n in r["sites"].most_common(25):
                     print(f"    {n:5d}  {op:28s} {where}")
-    print("\nmethod             step ms   host syncs   GFLOP/s   % of peak")
+    print("\nmethod             step ms   host syncs   NMS calls   GFLOP/s   % of peak")
     for label, r in rows:
         achieved = r["flops"] / r["step"]
-        print(f"{label:18s} {r['step'] * 1000:8.1f}   {sum(r['syncs'].values()):10d}   {achieved / 1e9:7.2f}   "
-              f"{100 * achieved / peak:8.1f}")
+        print(f"{label:18s} {r['step'] * 1000:8.1f}   {sum(r['syncs'].values()):10d}   {r['nms']:9d}   "
+              f"{achieved / 1e9:7.2f}   {100 * achieved / peak:8.1f}")
 
 
 if __name__ == "__main__":

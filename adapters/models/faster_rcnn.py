@@ -314,23 +314,23 @@ def nms_top(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
 
 
 def nms_per_image(boxes: Tensor, scores: Tensor, groups: Tensor, image_idx: Tensor, num_images: int,
-                  iou_threshold: float, max_keep: int) -> list[Tensor]:
-    """`nms_top` of each image's candidates (flat inputs, `image_idx` ascending): kept indices
-    into the flat inputs, per image. On the CPU one kernel call per image (the kernel's cost
-    grows with the candidates of the call); on a GPU one call for all images."""
-    counts = torch.bincount(image_idx, minlength=num_images).tolist()
-    if boxes.device.type != "cpu":
-        keep = box_ops.batched_nms(boxes, scores, groups + image_idx * (int(groups.max()) + 1 if len(groups) else 1),
-                                   iou_threshold)
+                  num_groups: int, iou_threshold: float, max_keep: int, one_call: bool | None = None) -> list[Tensor]:
+    """`nms_top` of each image's candidates (flat inputs, `image_idx` ascending, `groups` below
+    `num_groups`): kept indices into the flat inputs, per image. On the CPU one kernel call per
+    image (the kernel's cost grows with the candidates of a call); on a GPU (or `one_call`) one
+    call for all images and one host sync."""
+    if one_call is None:
+        one_call = boxes.device.type != "cpu"
+    if one_call:
+        keep = box_ops.batched_nms(boxes, scores, groups + image_idx * num_groups, iou_threshold)
         img = image_idx[keep]
         keep = keep[img.sort(stable=True).indices]  # image by image, by decreasing score within each
         kept = torch.bincount(img, minlength=num_images)
-        rank = torch.arange(len(keep), device=keep.device) - (kept.cumsum(0) - kept).repeat_interleave(
-            kept, output_size=len(keep))
-        keep = keep[rank < max_keep]
+        first = (kept.cumsum(0) - kept).repeat_interleave(kept, output_size=len(keep))
+        keep = keep[torch.arange(len(keep), device=keep.device) - first < max_keep]
         return list(keep.split(torch.clamp(kept, max=max_keep).tolist()))
     out, start = [], 0
-    for n in counts:
+    for n in torch.bincount(image_idx, minlength=num_images).tolist():
         sl = slice(start, start + n)
         out.append(nms_top(boxes[sl], scores[sl], groups[sl], iou_threshold, max_keep) + start)
         start += n
@@ -435,7 +435,7 @@ class BatchedRPN(RegionProposalNetwork):
         image_idx = torch.div(flat, k, rounding_mode="floor")
         flat_boxes, flat_scores = boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat]
         keeps = nms_per_image(flat_boxes, flat_scores, levels[flat % k], image_idx, num_images,
-                              self.nms_thresh, self.post_nms_top_n())
+                              len(num_anchors_per_level), self.nms_thresh, self.post_nms_top_n())
         return [flat_boxes[kp] for kp in keeps], [flat_scores[kp] for kp in keeps]
 
     def forward(self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):
@@ -754,7 +754,7 @@ class RoIHeads(nn.Module):
         boxes, scores = boxes[keep], scores[keep]
         labels = keep % k
         image_idx = image_of_roi[torch.div(keep, k, rounding_mode="floor")]
-        keeps = nms_per_image(boxes, scores, labels, image_idx, len(proposals), self.nms_thresh,
+        keeps = nms_per_image(boxes, scores, labels, image_idx, len(proposals), k, self.nms_thresh,
                               self.detections_per_img)
         return [{"boxes": boxes[kp], "scores": scores[kp], "labels": labels[kp]} for kp in keeps]
 

@@ -238,10 +238,11 @@ def test_nms_top_matches_torchvision_batched_nms():
     image_idx = torch.tensor([0] * 300 + [2] * 200)
     boxes, scores = random_boxes(500, 150, gen), torch.rand(500, generator=gen)
     groups = torch.randint(0, 3, (500,), generator=gen)
-    keeps = nms_per_image(boxes, scores, groups, image_idx, 3, 0.5, 50)
-    assert len(keeps) == 3 and len(keeps[1]) == 0
-    assert torch.equal(keeps[0], box_ops.batched_nms(boxes[:300], scores[:300], groups[:300], 0.5)[:50])
-    assert torch.equal(keeps[2], 300 + box_ops.batched_nms(boxes[300:], scores[300:], groups[300:], 0.5)[:50])
+    for one_call in (False, True):  # per image (CPU) and one call for the batch (GPU)
+        keeps = nms_per_image(boxes, scores, groups, image_idx, 3, 3, 0.5, 50, one_call=one_call)
+        assert len(keeps) == 3 and len(keeps[1]) == 0
+        assert torch.equal(keeps[0], box_ops.batched_nms(boxes[:300], scores[:300], groups[:300], 0.5)[:50])
+        assert torch.equal(keeps[2], 300 + box_ops.batched_nms(boxes[300:], scores[300:], groups[300:], 0.5)[:50])
 
 
 def test_pool_by_level_matches_roi_align_forward_and_backward():
