@@ -94,14 +94,14 @@ def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
         yield {"labeled": items_l, "unlabeled": next(unlabeled) if it >= u_start else None}
 
 
-def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device) -> dict[str, dict]:
-    """COCO metrics of every model the adapter names (teacher first for mean-teacher methods), each
-    with its teacher diagnostics at semi.t and lsm.alpha (bench/evaluate.py): how good a teacher it
+def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device, models: dict | None = None) -> dict[str, dict]:
+    """COCO metrics of `models` (default: every model the adapter names, teacher first for
+    mean-teacher methods), each with its teacher diagnostics at semi.t and lsm.alpha (bench/evaluate.py): how good a teacher it
     is or would be, for every method, supervised included (its config carries the preset's t and alpha)."""
     out = {}
     test_aug = aug_config(cfg, strong=False)
     thresholds = {"t": cfg.semi.t, "alpha": cfg.lsm.alpha}
-    for name, model in adapter.eval_models().items():
+    for name, model in (models or adapter.eval_models()).items():
         dets = run_inference(model, data.val, test_aug, device, batch_size=cfg.solver.ims_per_batch_labeled)
         if cfg.data.dataset == "voc":  # VOC07 test: 11-point AP50 and AP50:95 (detectron2's evaluator)
             out[name] = evaluate_voc(data.val, dets, use_07_metric=True)
@@ -266,7 +266,9 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     t0 = time.perf_counter()
     try:
         trainer.train()
-        results = {} if cfg.stage == "burn_in" or not main else evaluate_models(adapter, data, cfg, device)
+        # a burn-in cell evaluates the student it hands over as every dependent cell's first teacher
+        models = {"student": adapter.student} if cfg.stage == "burn_in" else None
+        results = evaluate_models(adapter, data, cfg, device, models) if main else {}
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StopTraining)) else "FAILED"
         if not isinstance(exc, (KeyboardInterrupt, StopTraining)):
@@ -291,6 +293,9 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         return json.loads(result_path.read_text())
     if cfg.stage == "burn_in":
         burn_in.save(rdir / burn_in.CHECKPOINT, trainer, end_iter - 1)
+        log_eval(end_iter, results)
+        # not "metrics": a burn-in is no row of a table; this is the teacher its cells start from
+        result["burn_in_teacher"] = {k: v for k, v in results.get("student", {}).items() if k != "summary"}
     else:
         log_eval(end_iter, results)
         torch.save({name: m.state_dict() for name, m in adapter.eval_models().items()}, rdir / "model_final.pth")

@@ -85,6 +85,8 @@ def test_cell_started_from_shared_burn_in_equals_cell_trained_alone(tmp_path, ti
     bcfg = burn_in_config(cfg)
     burn = run_cell(bcfg, shared_home, track=False, progress=False)
     assert burn["stage"] == "burn_in" and burn["iterations"] == cfg.semi.burn_in
+    # the student it hands over is evaluated as a teacher (and that changes nothing downstream)
+    assert {"AP", "cover_t", "precision_t", "cover_alpha"} <= set(burn["burn_in_teacher"]) and "metrics" not in burn
     shared = run_cell(cfg, shared_home, track=False, progress=False)
     assert shared["burn_in_from"] == burn["key"]
     assert shared["key"] == alone["key"]
