@@ -38,11 +38,22 @@ def test_plan_lists_implemented_cells_with_stable_keys(tmp_path, tiny):
 
 def test_plan_leaves_out_columns_with_too_few_labeled_images_unless_named(tmp_path, tiny):
     spec = load_spec_file(MINI)
-    cells, notes = build_plan(spec, "demo", 1, tmp_path, overrides=tiny + ["data.synth.train_images=400"])
-    # 1% of 400 = 4 labeled images for 10 classes: left out, with the way to force it; 5% = 20 stays
+    cells, notes = build_plan(spec, "demo_long", 1, tmp_path, overrides=tiny + ["data.synth.train_images=400"])
+    # 1% of 400 = 4 labeled images for 6 classes: left out, with the way to force it; 5% = 20 stays
     assert {c.column_id for c in cells} == {"coco_standard_5"}
-    assert any("coco_standard_1: 4 labeled images for 10 classes" in n and "--ratios 1" in n for n in notes)
-    cells, _ = build_plan(spec, "demo", 1, tmp_path, [1.0], overrides=tiny + ["data.synth.train_images=400"])
+    assert any("coco_standard_1: 4 labeled images for 6 classes" in n and "--ratios 1" in n for n in notes)
+    cells, _ = build_plan(spec, "demo_long", 1, tmp_path, [1.0], overrides=tiny + ["data.synth.train_images=400"])
+    assert {c.column_id for c in cells} == {"coco_standard_1"}
+
+
+def test_plan_runs_the_presets_table_ratios_unless_others_are_named(tmp_path, tiny):
+    spec = load_spec_file(MINI)
+    tiny = tiny + ["data.synth.train_images=400"]
+    cells, notes = build_plan(spec, "demo", 1, tmp_path, overrides=tiny)  # demo: table_ratios [5, 10]
+    assert {c.column_id for c in cells} == {"coco_standard_5"}
+    assert any("coco_standard_1: not among preset demo's table ratios (5, 10)" in n and "--ratios 1" in n
+               for n in notes)
+    cells, _ = build_plan(spec, "demo", 1, tmp_path, [1.0], overrides=tiny)
     assert {c.column_id for c in cells} == {"coco_standard_1"}
 
 
