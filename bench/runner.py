@@ -171,7 +171,7 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
 
     from bench.report.tables import aggregate, write_all
 
-    results, failed = collect(cells, home, list(spec.metrics))
+    results, failed = collect(cells, home, spec.all_metrics)
     header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset,
               "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if column_notes := [n for n in notes if n.startswith("column ")]:

@@ -71,7 +71,7 @@ def _results_frame(results: pd.DataFrame | None, spec: ArtifactSpec) -> pd.DataF
         row_id, col_id, seed = df.loc[dup, list(ID_COLUMNS)].iloc[0].tolist()
         raise BenchError(f"results hold several runs of (row, column, seed) = ({row_id}, {col_id}, {seed}); "
                          "keep one per seed")
-    for m in spec.metrics:
+    for m in spec.all_metrics:
         if m not in df.columns:
             df[m] = np.nan
         try:
@@ -112,7 +112,8 @@ def aggregate(results: pd.DataFrame | None, spec: ArtifactSpec, err: str = "std"
 
 
 def paired_deltas(results: pd.DataFrame | None, spec: ArtifactSpec) -> pd.DataFrame:
-    """LSM - baseline per seed for each baseline pair, column and metric; paired t-test when n >= 5.
+    """LSM - baseline per seed for each baseline pair, column and paired metric: mean, 95 %
+    confidence interval of the mean (Student's t, n >= 2) and a paired t-test when n >= 5.
 
     Pairing by seed removes the split-to-split variance both rows share (seed i = fold i), which is
     larger than most LSM gains at 1%. `seeds`/`deltas` are tuples in seed order; `paper_delta` is
@@ -124,13 +125,16 @@ def paired_deltas(results: pd.DataFrame | None, spec: ArtifactSpec) -> pd.DataFr
         for col in spec.columns:
             if not (spec.in_artifact(base_id, col) and spec.in_artifact(lsm_id, col)):
                 continue
-            for m in spec.metrics:
+            for m in spec.paired_metrics:
                 base = _seed_values(df, base_id, col.id, m)
                 lsm = _seed_values(df, lsm_id, col.id, m)
                 both = base.index.intersection(lsm.index).sort_values()
                 b, a = base.loc[both].to_numpy(), lsm.loc[both].to_numpy()
                 deltas = a - b
-                t = p = math.nan
+                t = p = lo = hi = math.nan
+                if len(both) >= 2:
+                    half = stats.t.ppf(0.975, len(both) - 1) * deltas.std(ddof=1) / math.sqrt(len(both))
+                    lo, hi = float(deltas.mean() - half), float(deltas.mean() + half)
                 if len(both) >= MIN_SEEDS_FOR_TEST:
                     with warnings.catch_warnings(), np.errstate(all="ignore"):
                         warnings.simplefilter("ignore", RuntimeWarning)  # identical deltas: t = +-inf
@@ -140,10 +144,12 @@ def paired_deltas(results: pd.DataFrame | None, spec: ArtifactSpec) -> pd.DataFr
                 records.append({
                     "baseline_id": base_id, "lsm_id": lsm_id, "column_id": col.id, "metric": m,
                     "n": len(both), "seeds": tuple(both.tolist()), "deltas": tuple(float(d) for d in deltas),
-                    "mean": float(deltas.mean()) if len(both) else math.nan, "t": t, "p": p,
+                    "mean": float(deltas.mean()) if len(both) else math.nan, "ci_low": lo, "ci_high": hi,
+                    "t": t, "p": p,
                     "paper_delta": pl[0] - pb[0] if pb and pl else math.nan,
                 })
-    cols = ["baseline_id", "lsm_id", "column_id", "metric", "n", "seeds", "deltas", "mean", "t", "p", "paper_delta"]
+    cols = ["baseline_id", "lsm_id", "column_id", "metric", "n", "seeds", "deltas", "mean", "ci_low", "ci_high",
+            "t", "p", "paper_delta"]
     return pd.DataFrame(records, columns=cols)
 
 
@@ -298,10 +304,10 @@ def _grid(spec: ArtifactSpec, cells: pd.DataFrame, st: _Style) -> tuple[list[str
 
 
 def _delta_grid(spec: ArtifactSpec, deltas: pd.DataFrame, st: _Style) -> tuple[list[str], list[list[str]]]:
-    head = ["Baseline", "LSM", "Column", "Metric", f"Per-seed {st.delta}", f"Mean {st.delta} (n)",
+    head = ["Baseline", "LSM", "Column", "Metric", f"Per-seed {st.delta}", f"Mean {st.delta} (n)", "95% CI",
             "p (paired t)", f"Paper {st.delta}"]
     if st is _STYLES["tex"]:
-        head[6] = "$p$ (paired $t$)"
+        head[6], head[7] = r"95\% CI", "$p$ (paired $t$)"
     body = []
     for d in deltas.to_dict("records"):
         per_seed = ", ".join(f"{s}: {_signed(x)}" for s, x in zip(d["seeds"], d["deltas"])) or st.dash
@@ -309,7 +315,8 @@ def _delta_grid(spec: ArtifactSpec, deltas: pd.DataFrame, st: _Style) -> tuple[l
         body.append([
             st.escape(spec.row(d["baseline_id"]).label), st.escape(spec.row(d["lsm_id"]).label),
             st.escape(spec.column(d["column_id"]).label), st.escape(d["metric"]), st.escape(per_seed),
-            mean, st.dash if math.isnan(d["p"]) else _pvalue(d["p"]),
+            mean, st.dash if math.isnan(d["ci_low"]) else f"[{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]",
+            st.dash if math.isnan(d["p"]) else _pvalue(d["p"]),
             st.dash if math.isnan(d["paper_delta"]) else _signed(d["paper_delta"]),
         ])
     if spec.paper_table is None:  # a spec of our own: no paper column
@@ -320,8 +327,8 @@ def _delta_grid(spec: ArtifactSpec, deltas: pd.DataFrame, st: _Style) -> tuple[l
 def _legend(spec: ArtifactSpec, err: str) -> str:
     paper = "paper: the published value; " if spec.paper_table is not None else ""
     return (f"Cells: our mean ± {err} over seeds (n runs); {paper}"
-            f"bold: the best mean of a column. Deltas pair runs by seed; p from a paired t-test "
-            f"when n ≥ {MIN_SEEDS_FOR_TEST}.")
+            f"bold: the best mean of a column. Deltas pair runs by seed; 95% CI of the mean delta "
+            f"(Student's t) when n ≥ 2, p from a paired t-test when n ≥ {MIN_SEEDS_FOR_TEST}.")
 
 
 def _comment_value(v: str) -> str:

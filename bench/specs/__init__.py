@@ -83,6 +83,8 @@ class ArtifactSpec(_Frozen):
     columns: list[ColumnSpec] = Field(min_length=1)
     rows: list[RowSpec] = Field(min_length=1)
     baseline_pairs: list[tuple[str, str]] = []
+    # metrics of the paired LSM - baseline deltas (default: `metrics`), e.g. AP by object size
+    delta_metrics: list[str] = []
     paper_absent: list[AbsentSpec] = []
     note: str = ""
 
@@ -94,7 +96,7 @@ class ArtifactSpec(_Frozen):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             if dup:
                 raise ValueError(f"duplicate {kind} ids: {', '.join(dup)}")
-        bad = [m for m in self.metrics if m not in KNOWN_METRICS]
+        bad = [m for m in (*self.metrics, *self.delta_metrics) if m not in KNOWN_METRICS]
         if bad:
             raise ValueError(f"unknown metrics {bad}; known: {', '.join(KNOWN_METRICS)}")
         params = {c.id: c.params for c in self.columns}
@@ -132,6 +134,15 @@ class ArtifactSpec(_Frozen):
         return self
 
     # -- lookup -------------------------------------------------------------------------------
+    @property
+    def paired_metrics(self) -> list[str]:
+        return list(self.delta_metrics or self.metrics)
+
+    @property
+    def all_metrics(self) -> list[str]:
+        """Every metric a table of this spec reads from a cell: the grid's and the deltas'."""
+        return list(dict.fromkeys([*self.metrics, *self.delta_metrics]))
+
     def row(self, row_id: str) -> RowSpec:
         for r in self.rows:
             if r.id == row_id:

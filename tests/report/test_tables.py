@@ -38,14 +38,14 @@ GOLDEN_MD = """\
 | CSD (paper only) | —; paper 10.51 | —; paper 18.63 |
 
 Cells: our mean ± std over seeds (n runs); paper: the published value; bold: the best mean of a column. \
-Deltas pair runs by seed; p from a paired t-test when n ≥ 5.
+Deltas pair runs by seed; 95% CI of the mean delta (Student's t) when n ≥ 2, p from a paired t-test when n ≥ 5.
 
 #### LSM − baseline, paired by seed
 
-| Baseline | LSM | Column | Metric | Per-seed Δ | Mean Δ (n) | p (paired t) | Paper Δ |
-|---|---|---|---|---|---:|---:|---:|
-| UBteacher | UBteacher + LSM | 1% | AP | 1: +3.10, 2: +3.40, 3: +3.10, 4: +3.40, 5: +3.00 | +3.20 (5) | 2.79e-06 | +3.20 |
-| UBteacher | UBteacher + LSM | 5% | AP | — | — | — | +3.70 |
+| Baseline | LSM | Column | Metric | Per-seed Δ | Mean Δ (n) | 95% CI | p (paired t) | Paper Δ |
+|---|---|---|---|---|---:|---:|---:|---:|
+| UBteacher | UBteacher + LSM | 1% | AP | 1: +3.10, 2: +3.40, 3: +3.10, 4: +3.40, 5: +3.00 | +3.20 (5) | [+2.97, +3.43] | 2.79e-06 | +3.20 |
+| UBteacher | UBteacher + LSM | 5% | AP | — | — | — | — | +3.70 |
 """
 
 
@@ -121,6 +121,18 @@ def test_paired_deltas_use_common_seeds_and_skip_the_test_below_five(spec, resul
     d = paired_deltas(fewer, spec).iloc[0]
     assert d["seeds"] == (1, 2, 3) and d["mean"] == pytest.approx((3.1 + 3.4 + 3.1) / 3)
     assert math.isnan(d["t"]) and math.isnan(d["p"])
+    # 95% CI by hand: deviations -0.1, +0.2, -0.1 -> sd sqrt(0.06 / 2); t(0.975, 2 df) = 4.3027
+    half = 4.302653 * math.sqrt(0.03) / math.sqrt(3)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((3.2 - half, 3.2 + half), abs=1e-5)
+
+
+def test_delta_metrics_pair_more_metrics_than_the_grid_shows(spec, results):
+    by_size = spec.model_copy(update={"delta_metrics": ["AP", "APs"]})
+    with_aps = results.assign(APs=results["AP"] / 2)
+    d = paired_deltas(with_aps, by_size)
+    one = d[(d["column_id"] == "coco_standard_1") & (d["metric"] == "APs")].iloc[0]
+    assert one["mean"] == pytest.approx(1.6) and one["n"] == 5
+    assert "| UBteacher | UBteacher + LSM | 1% | APs |" in render(by_size, with_aps, header=HEADER)
 
 
 # -- rendering ---------------------------------------------------------------------------------
