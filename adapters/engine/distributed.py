@@ -232,12 +232,12 @@ def broadcast_tensors(state, src: int = 0) -> None:
     if not is_distributed():
         return
     if isinstance(state, torch.Tensor):
-        if state.is_contiguous():
-            dist.broadcast(state.data, src=src)
-        else:  # e.g. a channels-last conv weight
-            buf = state.data.contiguous()
-            dist.broadcast(buf, src=src)
-            state.data.copy_(buf)
+        # through a buffer and an in-place copy, so that the tensor's version counter moves:
+        # caches keyed on it (the folded frozen BN of adapters/models/frozen_bn.py) see the change
+        buf = state.detach().clone(memory_format=torch.contiguous_format)
+        dist.broadcast(buf, src=src)
+        with torch.no_grad():
+            state.copy_(buf)
     elif isinstance(state, dict):
         for v in state.values():
             broadcast_tensors(v, src)

@@ -264,13 +264,28 @@ def match_boxes(iou: Tensor, gt_valid: Tensor, high: float, low: float, allow_lo
     return matches
 
 
-def sample_balanced(positive: Tensor, negative: Tensor, batch_size_per_image: int,
-                    positive_fraction: float) -> tuple[Tensor, Tensor, list[int]]:
+def _is_torchvision_sampler(sampler) -> bool:
+    call = type(sampler).__call__  # by name: a replacement may be installed before this module is imported
+    return (getattr(call, "__module__", None) == det_utils.__name__
+            and getattr(call, "__qualname__", None) == "BalancedPositiveNegativeSampler.__call__")
+
+
+def sample_balanced(positive: Tensor, negative: Tensor, sampler: det_utils.BalancedPositiveNegativeSampler
+                    ) -> tuple[Tensor, Tensor, list[int]]:
     """torchvision's BalancedPositiveNegativeSampler on (N, L) masks, drawing the same random
     permutations (positives then negatives, image by image), with a fixed number of host syncs.
 
     Returns the flat indices (into N * L) of the sampled positives and of the sampled negatives,
-    each ascending, and the number sampled per image."""
+    each ascending, and the number sampled per image. A sampler whose `__call__` is not
+    torchvision's (a subclass, or a test's deterministic stand-in) is called as before, per image."""
+    batch_size_per_image, positive_fraction = sampler.batch_size_per_image, sampler.positive_fraction
+    if not _is_torchvision_sampler(sampler):
+        labels = torch.where(positive, 1, torch.where(negative, 0, -1))
+        pos_masks, neg_masks = sampler(list(labels.unbind(0)))
+        pos_masks, neg_masks = torch.stack(pos_masks).bool(), torch.stack(neg_masks).bool()
+        per_image = (pos_masks.sum(1) + neg_masks.sum(1)).tolist()
+        return (torch.nonzero(pos_masks.flatten()).squeeze(1), torch.nonzero(neg_masks.flatten()).squeeze(1),
+                per_image)
     counts = torch.stack([positive.sum(1), negative.sum(1)], 1).tolist()
     pos_idx = torch.nonzero(positive.flatten()).squeeze(1)
     neg_idx = torch.nonzero(negative.flatten()).squeeze(1)
@@ -402,8 +417,7 @@ class BatchedRPN(RegionProposalNetwork):
         labels = torch.stack(list(labels)) if isinstance(labels, (list, tuple)) else labels
         if isinstance(regression_targets, (list, tuple)):
             regression_targets = torch.cat(list(regression_targets))
-        pos, neg, _ = sample_balanced(labels >= 1, labels == 0, self.fg_bg_sampler.batch_size_per_image,
-                                      self.fg_bg_sampler.positive_fraction)
+        pos, neg, _ = sample_balanced(labels >= 1, labels == 0, self.fg_bg_sampler)
         sampled = torch.cat([pos, neg])
         labels = labels.reshape(-1)
         regression_targets = regression_targets.reshape(-1, 4)
@@ -693,8 +707,7 @@ class RoIHeads(nn.Module):
         matched_scores = torch.where(has_gt, gt_scores.gather(1, idx), 0)
         matched_boxes = torch.gather(gt_boxes, 1, idx[..., None].expand(-1, -1, 4))
         bg = labels == self.num_classes
-        pos, neg, per_image = sample_balanced(~bg & valid, bg & valid, self.sampler.batch_size_per_image,
-                                              self.sampler.positive_fraction)
+        pos, neg, per_image = sample_balanced(~bg & valid, bg & valid, self.sampler)
         keep = torch.cat([pos, neg]).sort().values
         flat_boxes = boxes.reshape(-1, 4)[keep]
         return RoISamples(

@@ -315,3 +315,53 @@ def test_ema_update_matches_per_tensor_update():
         ema_update(teacher, student, 0.9, include_buffers)
         for k, v in teacher.state_dict().items():
             assert torch.equal(v, want[k]), k
+
+
+def test_folded_frozen_bn_cache_follows_every_change_of_its_inputs():
+    from adapters.models.faster_rcnn import build_backbone
+    from adapters.models.frozen_bn import ConvWithFrozenBN
+
+    torch.manual_seed(0)
+    backbone = build_backbone("mobilenet_v2_fpn", "none", trainable_layers=0, fpn_channels=8).eval()
+    convs = [m for m in backbone.modules() if isinstance(m, ConvWithFrozenBN)]
+    x = torch.rand(1, 3, 64, 64)
+
+    def fresh():  # the fold recomputed for every convolution (no cache)
+        for m in convs:
+            m.__dict__.pop("_fold_cache", None)
+        return backbone(x)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    out = backbone(x)
+    assert same(backbone(x), out) and same(fresh(), out)  # cached == recomputed, bit for bit
+    with torch.no_grad():
+        convs[3].bn[0].running_var.mul_(1.5)  # in place (as the EMA)
+        convs[5].weight.add_(0.01)
+    assert not same(backbone(x), out)
+    assert same(backbone(x), fresh())
+    state = {k: v + 0.001 if v.is_floating_point() else v for k, v in backbone.state_dict().items()}
+    backbone.load_state_dict(state)
+    assert same(backbone(x), fresh())
+    # a convolution that trains is folded in the graph: its weight gets a gradient
+    convs[2].weight.requires_grad_(True)
+    backbone(x)["p2"].sum().backward()
+    assert convs[2].weight.grad is not None
+
+
+def test_a_replaced_sampler_is_still_called_per_image(monkeypatch):
+    """A deterministic stand-in for torchvision's sampler (the DDP test's) keeps working."""
+    calls = []
+
+    def first(self, matched_idxs):
+        calls.append(len(matched_idxs))
+        pos = [torch.zeros_like(m, dtype=torch.uint8).index_fill_(0, torch.where(m >= 1)[0][:2], 1) for m in matched_idxs]
+        neg = [torch.zeros_like(m, dtype=torch.uint8).index_fill_(0, torch.where(m == 0)[0][:3], 1) for m in matched_idxs]
+        return pos, neg
+
+    model, images, targets = model_and_batch(seed=5)
+    monkeypatch.setattr(det_utils.BalancedPositiveNegativeSampler, "__call__", first)
+    fwd = model.train_forward(images, targets)
+    assert calls and all(torch.isfinite(v) for v in fwd.losses.values())
+    assert [len(p) for p in fwd.samples.proposals] == [5, 3, 5]  # 2 positives (if any) + 3 negatives per image
