@@ -35,7 +35,9 @@ def burn_in_config(cfg: RunConfig) -> RunConfig | None:
     pseco = PsecoConfig(**{k: dump["pseco"][k] for k in PSECO_SUPERVISED})
     return RunConfig.model_validate({
         **dump, "stage": "burn_in", "lsm": LSMConfig().model_dump(), "mlc": MLCConfig().model_dump(),
-        "semi": SemiConfig(burn_in=cfg.semi.burn_in).model_dump(), "eval": EvalConfig().model_dump(),
+        "semi": SemiConfig(burn_in=cfg.semi.burn_in).model_dump(),
+        # the data's size bins stay (the burn-in's own evaluation uses them); the rest trains nothing
+        "eval": EvalConfig(area_scale=cfg.eval.area_scale).model_dump(),
         "softteacher": SoftTeacherConfig().model_dump(), "pseco": pseco.model_dump(),
     })
 

@@ -94,13 +94,19 @@ def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
         yield {"labeled": items_l, "unlabeled": next(unlabeled) if it >= u_start else None}
 
 
-def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device, models: dict | None = None) -> dict[str, dict]:
+# A burn-in is shared by cells of different thresholds (Soft Teacher's t 0.9, PseCo's 0.5, LSM's
+# alpha): its teacher is diagnosed at each of them.
+BURN_IN_THRESHOLDS = {f"{v:g}": v for v in (0.3, 0.5, 0.7, 0.9)}
+
+
+def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device, models: dict | None = None,
+                    thresholds: dict[str, float] | None = None) -> dict[str, dict]:
     """COCO metrics of `models` (default: every model the adapter names, teacher first for
     mean-teacher methods), each with its teacher diagnostics at semi.t and lsm.alpha (bench/evaluate.py): how good a teacher it
     is or would be, for every method, supervised included (its config carries the preset's t and alpha)."""
     out = {}
     test_aug = aug_config(cfg, strong=False)
-    thresholds = {"t": cfg.semi.t, "alpha": cfg.lsm.alpha}
+    thresholds = thresholds or {"t": cfg.semi.t, "alpha": cfg.lsm.alpha}
     for name, model in (models or adapter.eval_models()).items():
         dets = run_inference(model, data.val, test_aug, device, batch_size=cfg.solver.ims_per_batch_labeled)
         if cfg.data.dataset == "voc":  # VOC07 test: 11-point AP50 and AP50:95 (detectron2's evaluator)
@@ -267,8 +273,9 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     try:
         trainer.train()
         # a burn-in cell evaluates the student it hands over as every dependent cell's first teacher
-        models = {"student": adapter.student} if cfg.stage == "burn_in" else None
-        results = evaluate_models(adapter, data, cfg, device, models) if main else {}
+        burn = cfg.stage == "burn_in"
+        results = evaluate_models(adapter, data, cfg, device, {"student": adapter.student} if burn else None,
+                                  BURN_IN_THRESHOLDS if burn else None) if main else {}
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StopTraining)) else "FAILED"
         if not isinstance(exc, (KeyboardInterrupt, StopTraining)):
