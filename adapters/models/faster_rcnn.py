@@ -310,8 +310,8 @@ def nms_top(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
     One call of the kernel for all groups: the groups are moved apart (in float64, so that every
     coordinate stays exact). On the CPU the kernel's cost is (kept x candidates), and only the
     best `max_keep` survivors are wanted: a group's survivors among the highest-scoring boxes do
-    not depend on lower-scoring ones, so a prefix 1.5x as long as needed is tried first and all
-    boxes only when it kept too few."""
+    not depend on lower-scoring ones, so a prefix 1.5x as long as needed is tried first, then longer
+    ones while too few survive."""
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if boxes.device.type != "cpu":
@@ -319,12 +319,18 @@ def nms_top(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
     b = boxes.double()
     b = b + (groups.to(b.dtype) * (b.max() - b.min() + 1))[:, None]
     s = scores.double()
-    prefix = max_keep + max_keep // 2  # RPN boxes at NMS 0.7: ~70% survive, so this mostly suffices
-    if len(boxes) > prefix:
-        order = s.argsort(descending=True, stable=True)[:prefix]
-        keep = torch.ops.torchvision.nms(b[order], s[order], iou_threshold)
+    prefix = max_keep + max_keep // 2  # an untrained RPN's boxes at NMS 0.7: ~70% survive
+    order = None
+    while len(boxes) > prefix:
+        if order is None:
+            order = s.argsort(descending=True, stable=True)
+        top = order[:prefix]
+        keep = torch.ops.torchvision.nms(b[top], s[top], iou_threshold)
         if len(keep) >= max_keep:
-            return order[keep[:max_keep]]
+            return top[keep[:max_keep]]
+        # too few survived: a longer prefix, sized by the survival rate seen (a trained RPN's
+        # boxes cluster, and fewer survive)
+        prefix = int(prefix * 1.25 * max_keep / max(len(keep), 1)) + 1
     return torch.ops.torchvision.nms(b, s, iou_threshold)[:max_keep]
 
 

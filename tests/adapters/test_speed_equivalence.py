@@ -365,3 +365,16 @@ def test_a_replaced_sampler_is_still_called_per_image(monkeypatch):
     fwd = model.train_forward(images, targets)
     assert calls and all(torch.isfinite(v) for v in fwd.losses.values())
     assert [len(p) for p in fwd.samples.proposals] == [5, 3, 5]  # 2 positives (if any) + 3 negatives per image
+
+
+def test_nms_top_with_few_survivors_matches_torchvision():
+    """Clustered boxes (a trained RPN's): most are suppressed, the prefix must grow."""
+    gen = torch.Generator().manual_seed(3)
+    centers = torch.rand(40, 2, generator=gen) * 150
+    base = torch.cat([centers, centers + 30], 1)
+    boxes = (base.repeat(40, 1) + torch.randn(1600, 4, generator=gen)).clamp(min=0)
+    scores = torch.rand(1600, generator=gen)
+    groups = torch.randint(0, 4, (1600,), generator=gen)
+    for max_keep in (30, 100, 300):
+        want = box_ops.batched_nms(boxes, scores, groups, 0.7)[:max_keep]
+        assert torch.equal(nms_top(boxes, scores, groups, 0.7, max_keep), want)
