@@ -108,13 +108,14 @@ def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
     """List a table's cells with their cache status and the work left; runs nothing."""
     home = resolve_home(home)
     spec, cells, notes, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
-    from bench.plan import estimate_seconds, seconds_per_iteration
+    from bench.plan import estimate_seconds, reference_seconds_per_iteration, seconds_per_iteration
 
     t = Table(title=f"{spec.name} on preset {preset}: {len(cells)} cells")
     for col in ("row", "column", "seed", "status", "iterations", "est. min", "key"):
         t.add_column(col)
-    speeds = seconds_per_iteration(home)
-    left, seconds, unknown = 0, 0.0, 0
+    measured, reference = seconds_per_iteration(home), reference_seconds_per_iteration(preset)
+    speeds = {**reference, **measured}  # this store's own timings win
+    left, seconds, unknown, from_reference = 0, 0.0, 0, 0
     for c in cells:
         status = c.status(home)
         est = None if status == "done" else estimate_seconds(c, speeds)
@@ -122,12 +123,15 @@ def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
             left += c.work
             seconds += est or 0.0
             unknown += est is None
+            from_reference += est is not None and estimate_seconds(c, measured) is None
         iters = f"{c.iterations - c.work}+{c.work}" if c.work != c.iterations else f"{c.iterations}"
         t.add_row(c.row_id, c.column_id, str(c.seed), status, iters, "" if est is None else f"{est / 60:.1f}", c.key[:12])
     console.print(t)
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
     estimate = f"; about {seconds / 60:.0f} min of one worker slot" if seconds else ""
+    if from_reference:
+        estimate += f" ({from_reference} cells from preset {preset}'s reference timings)"
     if unknown:
         estimate += f" ({unknown} cells of kinds not timed yet in this store)"
     console.print(f"training iterations left: {left}{estimate}")

@@ -384,7 +384,8 @@ def load_config(preset: str = "demo", overrides: list[str] | dict | None = None,
     # `method_defaults.<method>`: the preset's settings for one method (Deformable DETR's AdamW
     # solver), applied under the overrides, so `solver.max_iter=...` still wins.
     by_method = data.pop("method_defaults", None) or {}
-    data.pop("table_ratios", None)  # which label ratios a table runs by default (preset_table_ratios)
+    for planning_key in ("table_ratios", "reference_seconds_per_iteration"):  # bench/plan.py's, not a run's
+        data.pop(planning_key, None)
     method = fields.get("method") or (overrides or {}).get("method") or data.get("method", "supervised")
     if not isinstance(by_method, dict) or not all(isinstance(v, dict) for v in by_method.values()):
         raise BenchError(f"preset '{preset}': method_defaults must map method names to config sections")
@@ -397,10 +398,15 @@ def load_config(preset: str = "demo", overrides: list[str] | dict | None = None,
         raise BenchError(_format_validation_error(err, f"preset '{preset}'")) from None
 
 
+def preset_planning(preset: str, key: str):
+    """A preset's planning entry (`table_ratios`, `reference_seconds_per_iteration`), None if absent."""
+    path = PRESET_DIR / f"{preset}.yaml"
+    return (yaml.safe_load(path.read_text()) or {}).get(key) if path.exists() else None
+
+
 def preset_table_ratios(preset: str) -> list[float] | None:
     """The label ratios a table runs on this preset when `--ratios` is not given (None: all)."""
-    path = PRESET_DIR / f"{preset}.yaml"
-    ratios = (yaml.safe_load(path.read_text()) or {}).get("table_ratios") if path.exists() else None
+    ratios = preset_planning(preset, "table_ratios")
     return [float(r) for r in ratios] if ratios else None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapters import registry
 from bench.burn_in import burn_in_config
-from bench.config import RunConfig, load_config, preset_table_ratios
+from bench.config import RunConfig, load_config, preset_planning, preset_table_ratios
 from bench.data.sources import prepare_data
 from bench.paths import run_dir
 from bench.keys import cell_key
@@ -100,6 +100,18 @@ def seconds_per_iteration(home: Path) -> dict[tuple, float]:
             kind = (r["preset"], r["method"], r["lsm"], r.get("stage", "full"))
             speeds.setdefault(kind, []).append(r["train_seconds_this_session"] / first)
     return {k: sorted(v)[len(v) // 2] for k, v in speeds.items()}
+
+
+def reference_seconds_per_iteration(preset: str) -> dict[tuple, float]:
+    """The preset's own timings (`reference_seconds_per_iteration`: "method[+lsm][:burn_in]" ->
+    seconds, measured on the machine the preset names), keyed like `seconds_per_iteration`: the
+    estimate of a fresh store, before any cell of a kind has finished."""
+    out = {}
+    for kind, seconds in (preset_planning(preset, "reference_seconds_per_iteration") or {}).items():
+        name, _, stage = str(kind).partition(":")
+        method, _, lsm = name.partition("+")
+        out[(preset, method, lsm == "lsm", stage or "full")] = float(seconds)
+    return out
 
 
 def _burn_in_of(rdir: Path) -> int:

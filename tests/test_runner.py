@@ -180,3 +180,14 @@ def test_sigkilled_orchestrator_rerun_recomputes_nothing_and_matches(tmp_path, t
         if c.is_burn_in:
             shutil.rmtree(c.directory(home))
     assert [c.row_id for c in build_plan(spec, "demo", 1, home, RATIOS, overrides=tiny)[0]].count("burn-in") == 0
+
+
+def test_reference_timings_of_a_preset_estimate_a_fresh_store(monkeypatch):
+    import bench.plan as plan
+
+    timings = {"supervised": 0.1, "ubteacher+lsm": 0.5, "ubteacher:burn_in": 0.12}
+    monkeypatch.setattr(plan, "preset_planning", lambda preset, key: timings if preset == "demo" else None)
+    ref = plan.reference_seconds_per_iteration("demo")
+    assert ref == {("demo", "supervised", False, "full"): 0.1, ("demo", "ubteacher", True, "full"): 0.5,
+                   ("demo", "ubteacher", False, "burn_in"): 0.12}
+    assert plan.reference_seconds_per_iteration("coco") == {}
