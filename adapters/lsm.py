@@ -201,9 +201,7 @@ class PIM:
 
 def _select(proposals: list[Tensor], flat_idx: Tensor) -> list[Tensor]:
     """Per-image proposal lists restricted to ascending indices into the concatenated list."""
-    out, start = [], 0
-    for p in proposals:
-        local = flat_idx[(flat_idx >= start) & (flat_idx < start + len(p))] - start
-        out.append(p[local])
-        start += len(p)
-    return out
+    ends = torch.tensor([len(p) for p in proposals], device=flat_idx.device).cumsum(0)
+    image = torch.bucketize(flat_idx, ends, right=True)
+    counts = torch.bincount(image, minlength=len(proposals)).tolist()  # the one host sync
+    return list(torch.cat(proposals)[flat_idx].split(counts))

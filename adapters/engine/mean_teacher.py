@@ -47,15 +47,25 @@ def filter_pseudo_labels(detections: list[dict], threshold: float, min_area: flo
     original-image pixels, where COCO's 96^2 is defined: `pixel_scale[i]` converts image i's
     view-pixel areas (1 when not given).
     """
-    out = []
-    for i, d in enumerate(detections):
-        keep = d["scores"] > threshold
-        if min_area is not None and high is not None:
-            area = _area(d["boxes"]) * (1.0 if pixel_scale is None else pixel_scale[i])
-            keep = (d["scores"] > high) | (keep & (area > min_area))
-        out.append({"boxes": d["boxes"][keep].detach(), "labels": d["labels"][keep].detach(),
-                    "scores": d["scores"][keep].detach()})
-    return out
+    if not detections:
+        return []
+    # one pass over the concatenated detections: two host syncs whatever the number of images
+    counts = [len(d["scores"]) for d in detections]
+    scores = torch.cat([d["scores"] for d in detections])
+    boxes = torch.cat([d["boxes"] for d in detections])
+    labels = torch.cat([d["labels"] for d in detections])
+    image = torch.repeat_interleave(torch.arange(len(counts), device=scores.device),
+                                    torch.tensor(counts, device=scores.device), output_size=len(scores))
+    keep = scores > threshold
+    if min_area is not None and high is not None:
+        scale = torch.tensor([1.0] * len(counts) if pixel_scale is None else list(pixel_scale),
+                             dtype=torch.float32, device=scores.device)[image]
+        keep = (scores > high) | (keep & (_area(boxes) * scale > min_area))
+    idx = torch.nonzero(keep).squeeze(1)
+    per_image = torch.bincount(image[idx], minlength=len(counts)).tolist()
+    return [{"boxes": b, "labels": l, "scores": s} for b, l, s in
+            zip(boxes[idx].detach().split(per_image), labels[idx].detach().split(per_image),
+                scores[idx].detach().split(per_image))]
 
 
 def _size_bin(area: Tensor, scale: float) -> Tensor:
@@ -78,26 +88,26 @@ def pseudo_label_stats(pseudo: list[dict], hidden_gt: list[dict], pixel_scale: l
         stats[f"{prefix}_mean_score"] = float(torch.cat([p["scores"] for p in pseudo]).mean())
     if not any(len(g["boxes"]) for g in hidden_gt):
         return stats
-    tp = np.zeros(3)
-    npred = np.zeros(3)
-    hit = np.zeros(3)
-    ngt = np.zeros(3)
+    pbs, poks, gbs, goks = [], [], [], []
     for p, g, s in zip(pseudo, hidden_gt, pixel_scale):
-        pa = _area(p["boxes"]) * s
-        ga = _area(g["boxes"]) * s
-        pb, gb = _size_bin(pa, area_scale), _size_bin(ga, area_scale)
+        pb = _size_bin(_area(p["boxes"]) * s, area_scale)
+        gb = _size_bin(_area(g["boxes"]) * s, area_scale).to(pb.device)
         if len(p["boxes"]) and len(g["boxes"]):
-            same = p["labels"][:, None] == g["labels"][None, :]
+            same = p["labels"][:, None] == g["labels"][None, :].to(p["labels"].device)
             match = (box_iou(p["boxes"], g["boxes"].to(p["boxes"])) >= 0.5) & same
             p_ok, g_ok = match.any(1), match.any(0)
         else:
-            p_ok = torch.zeros(len(p["boxes"]), dtype=torch.bool)
-            g_ok = torch.zeros(len(g["boxes"]), dtype=torch.bool)
-        for b in range(3):
-            npred[b] += int((pb == b).sum())
-            tp[b] += int((p_ok.cpu() & (pb.cpu() == b)).sum())
-            ngt[b] += int((gb == b).sum())
-            hit[b] += int((g_ok.cpu() & (gb.cpu() == b)).sum())
+            p_ok = torch.zeros(len(p["boxes"]), dtype=torch.bool, device=pb.device)
+            g_ok = torch.zeros(len(g["boxes"]), dtype=torch.bool, device=pb.device)
+        pbs.append(pb)
+        poks.append(p_ok)
+        gbs.append(gb)
+        goks.append(g_ok)
+    pb, p_ok, gb, g_ok = (torch.cat(x) for x in (pbs, poks, gbs, goks))
+    # counts by size bin on the device, read back in one host sync
+    npred, tp, ngt, hit = np.array(torch.stack([
+        torch.bincount(pb, minlength=3).double(), torch.bincount(pb, weights=p_ok.double(), minlength=3),
+        torch.bincount(gb, minlength=3).double(), torch.bincount(gb, weights=g_ok.double(), minlength=3)]).tolist())
     if npred.sum():
         stats[f"{prefix}_precision"] = tp.sum() / npred.sum()
     stats[f"{prefix}_recall"] = hit.sum() / max(ngt.sum(), 1)

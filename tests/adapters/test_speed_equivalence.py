@@ -6,6 +6,7 @@ targets, losses, detections and pooled features must agree to float rounding, an
 draws must be the same ones.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import _utils as det_utils
@@ -378,3 +379,59 @@ def test_nms_top_with_few_survivors_matches_torchvision():
     for max_keep in (30, 100, 300):
         want = box_ops.batched_nms(boxes, scores, groups, 0.7)[:max_keep]
         assert torch.equal(nms_top(boxes, scores, groups, 0.7, max_keep), want)
+
+
+def _random_detections(gen, n_images):
+    out = []
+    for i in range(n_images):
+        n = int(torch.randint(0, 6, (1,), generator=gen)) if i else 0  # the first image has none
+        xy = torch.rand(n, 2, generator=gen) * 50
+        wh = torch.rand(n, 2, generator=gen) * 30 + 1
+        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(0, 3, (n,), generator=gen),
+                    "scores": torch.rand(n, generator=gen)})
+    return out
+
+
+def test_pseudo_label_filter_and_stats_match_the_per_image_code():
+    """The batched filter (two syncs) and statistics (one sync) equal the per-image loops they replace."""
+    import numpy as np
+    from torchvision.ops import box_iou
+
+    from adapters.engine.mean_teacher import _area, _size_bin, filter_pseudo_labels, pseudo_label_stats
+
+    gen = torch.Generator().manual_seed(0)
+    dets, gt = _random_detections(gen, 5), _random_detections(gen, 5)
+    scale = [1.0, 0.5, 2.0, 1.5, 1.0]
+    for kwargs in ({}, {"min_area": 200.0, "high": 0.8, "pixel_scale": scale}):
+        got = filter_pseudo_labels(dets, 0.4, **kwargs)
+        for d, g, s in zip(dets, got, scale):
+            keep = d["scores"] > 0.4
+            if kwargs:
+                keep = (d["scores"] > 0.8) | (keep & (_area(d["boxes"]) * s > 200.0))
+            for k in ("boxes", "labels", "scores"):
+                assert torch.equal(g[k], d[k][keep])
+    pseudo = filter_pseudo_labels(dets, 0.2)
+    stats = pseudo_label_stats(pseudo, gt, scale, area_scale=0.2)
+    tp, npred, hit, ngt = (np.zeros(3) for _ in range(4))
+    for p, g, s in zip(pseudo, gt, scale):
+        pb, gb = _size_bin(_area(p["boxes"]) * s, 0.2), _size_bin(_area(g["boxes"]) * s, 0.2)
+        match = (box_iou(p["boxes"], g["boxes"]) >= 0.5) & (p["labels"][:, None] == g["labels"][None, :])
+        for b in range(3):
+            npred[b] += int((pb == b).sum())
+            tp[b] += int((match.any(1) & (pb == b)).sum())
+            ngt[b] += int((gb == b).sum())
+            hit[b] += int((match.any(0) & (gb == b)).sum())
+    assert stats["pl_recall"] == pytest.approx(hit.sum() / ngt.sum())
+    assert stats["pl_precision"] == pytest.approx(tp.sum() / npred.sum())
+    for b, name in enumerate(("small", "medium", "large")):
+        if ngt[b]:
+            assert stats[f"pl_recall_{name}"] == pytest.approx(hit[b] / ngt[b])
+
+
+def test_lsm_proposal_selection_matches_per_image_masks():
+    from adapters.lsm import _select
+
+    proposals = [torch.arange(4.0).view(2, 2), torch.zeros(0, 2), torch.arange(10.0, 16.0).view(3, 2)]
+    flat = torch.tensor([0, 2, 4])  # image 0's first, image 2's first and last
+    got = _select(proposals, flat)
+    assert [g.tolist() for g in got] == [[[0.0, 1.0]], [], [[10.0, 11.0], [14.0, 15.0]]]
