@@ -261,17 +261,15 @@ def test_ddetr_shares_stacs_teacher_cell():
 
 
 def test_existing_cell_keys_unchanged():
-    """The solver's optimizer field, the ddetr section and lsm.ignore_uncertain must not move the keys
-    of the SGD methods' non-LSM cells (their caches); the values are the keys before these changes,
-    on the demo preset as it was then (its naive_min_area has since moved to original-image pixels)."""
-    then = ["lsm.naive_min_area=235.93"]
-    assert load_config("demo", then, method="ubteacher").key() == \
-        "798847098ad2ba9476cfc374393e1a046c5e83478383ea6712e7a877d7819336"
-    # LSM cells do change: lsm.ignore_uncertain enters their key (and LSM_VERSION their cell key)
-    assert load_config("demo", then + ["lsm.enabled=true"], method="ubteacher").key() == \
-        "e5da10edb81628fcdaf689d4cdceab883caa8793e4f324cd304304ca3ce570bf"
-    assert load_config("demo", then, method="stac").key() == \
-        "5924d7d2af7e640d307bcc59d7dceb71f654a8f0df3de676e005e8350d8164a4"
+    """The solver's optimizer field, the ddetr section, lsm.ignore_uncertain and the presets'
+    method_defaults must not move the keys of the SGD methods' non-LSM cells (their caches): the
+    values are the coco preset's keys before these were added (commit 4a1edde)."""
+    assert load_config("coco", [], method="ubteacher").key() == \
+        "5c8d72e21dddeda83c669558f6f7952e9f54938afce467693464791a0072ecec"
+    assert load_config("coco", [], method="stac").key() == \
+        "4596fc3b5f1da56fd27a8095a5b5fc87fc11a55458c66dc34d3141ef615b5700"
+    assert load_config("coco", [], method="supervised").key() == \
+        "da5d789e1b77ee777e80015dbcfad8ff6e9e11fcdd7466db1e835328e29a44f4"
     a = load_config("demo", [], method="ddetr")
     assert "ddetr" in a.key_dict() and a.key() != load_config("demo", ["ddetr.num_queries=7"], method="ddetr").key()
     assert "ddetr" not in load_config("demo", [], method="ubteacher").key_dict()
