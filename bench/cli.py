@@ -602,19 +602,39 @@ def _check_database(url: str, option: str) -> None:
                          "the server runs") from None
 
 
-def main() -> None:
+def _click_errors() -> tuple[tuple, tuple, tuple]:
+    """(usage/click errors, aborts, exits) of click and of typer's own copy of them: typer >= 0.26
+    raises `typer._click` / `typer.exceptions` classes, which click's do not catch."""
     import click
 
+    errors, aborts, exits = [click.ClickException], [click.exceptions.Abort], [click.exceptions.Exit]
     try:
-        # Typer turns Ctrl-C into an exit code it returns (130) when not in standalone mode
-        if app(standalone_mode=False) == 130:
+        from typer import exceptions as typer_exceptions
+        from typer._click import exceptions as vendored
+
+        errors.append(vendored.ClickException)
+        aborts.append(typer_exceptions.Abort)
+        exits.append(typer_exceptions.Exit)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(errors), tuple(aborts), tuple(exits)
+
+
+def main() -> None:
+    errors, aborts, exits = _click_errors()
+    try:
+        # Without standalone mode typer returns an exit code (Ctrl-C as 130, typer.Exit(n) as n)
+        code = app(standalone_mode=False)
+        if code == 130:
             raise KeyboardInterrupt
-    except click.exceptions.Exit as exc:
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except exits as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except errors as exc:  # a usage error: the message and the usage line, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except aborts:
         sys.exit(1)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)

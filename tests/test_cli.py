@@ -76,3 +76,31 @@ def test_ctrl_c_exits_130_with_the_resume_hint(monkeypatch, capsys):
         cli.main()
     assert exc.value.code == 130
     assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan"], "Missing argument 'table'"),
+    (["plan", "table1", "--seeds", "abc"], "Invalid value for '--seeds'"),
+    (["ui", "--host", "0.0.0.0"], "No such option: --host"),
+])
+def test_usage_errors_exit_2_without_a_traceback(tmp_path, args, message):
+    out = bench(*args, home=tmp_path)
+    assert out.returncode == 2 and message in out.stderr and "Usage: " in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_commands_exit_code_reaches_the_shell(monkeypatch):
+    """`bench run` ends with typer.Exit(1) when cells failed; typer returns that code instead of
+    raising it, and it must not become exit 0."""
+    import typer
+
+    import bench.cli as cli
+
+    def failed_cells(*_, **__):
+        raise typer.Exit(1)
+
+    monkeypatch.setattr(sys, "argv", ["bench", "config", "show"])
+    monkeypatch.setattr("bench.config.load_config", failed_cells)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
