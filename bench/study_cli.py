@@ -312,7 +312,8 @@ def ui(port: int = typer.Option(5000, "--port", help="MLflow UI port on 127.0.0.
 
     home = resolve_home(home)
     if dashboard and not ui_mod.dashboard_available():
-        console.print("[yellow]optuna-dashboard is not installed (pip install 'lsm-bench[dashboard]'); "
+        # the extra's brackets are escaped: rich would read [dashboard] as a style tag and drop it
+        console.print("[yellow]optuna-dashboard is not installed (pip install 'lsm-bench\\[dashboard]'); "
                       "starting MLflow only[/yellow]")
         dashboard = False
     services = ui_mod.start(home, storage, port, dashboard_port, dashboard)

@@ -48,3 +48,19 @@ def test_bad_input_is_one_bench_error(tmp_path, tiny):
     assert isinstance(r.exception, BenchError) and "--trials must be at least 1" in str(r.exception)
     r = runner.invoke(app, ["figure", "fig4", "--home", str(tmp_path), "--seeds", "1", *tiny])
     assert isinstance(r.exception, BenchError) and "pass --train" in str(r.exception)
+
+
+def test_ui_hint_keeps_the_extras_brackets(monkeypatch, tmp_path, capsys):
+    """rich reads `[dashboard]` as a style tag unless escaped; the install hint must print it."""
+    import bench.study_cli as study_cli
+    from studies import ui as ui_mod
+
+    monkeypatch.setattr(ui_mod, "dashboard_available", lambda: False)
+    from types import SimpleNamespace
+
+    ended = SimpleNamespace(name="mlflow", url="http://127.0.0.1:1", process=SimpleNamespace(poll=lambda: 0))
+    monkeypatch.setattr(ui_mod, "start", lambda *a: [ended])  # a server that has already exited
+    monkeypatch.setattr(ui_mod, "stop", lambda services: None)
+    monkeypatch.setattr(study_cli, "console", __import__("rich.console").console.Console(width=300))
+    study_cli.ui(port=1, dashboard_port=2, dashboard=True, storage=None, home=tmp_path)
+    assert "pip install 'lsm-bench[dashboard]'" in capsys.readouterr().out
