@@ -258,7 +258,7 @@ def test_the_table_of_a_spec_without_paper_values_shows_ours_only():
     assert "published" not in md and "Paper Δ" not in md  # nor a legend or a delta column for them
     assert "| p (paired t) |\n" in md
     tex = render(spec, results, fmt="tex", header=header)
-    assert "published" not in tex and "{lllllrr}" in tex
+    assert "published" not in tex and "{lllllrrr}" in tex  # per-seed, mean, 95% CI, p
     csv = render(spec, results, fmt="csv", header=header)
     assert "paper-only" not in csv
 
