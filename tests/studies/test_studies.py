@@ -53,15 +53,15 @@ def test_study_ratio_moves_to_the_smallest_split_with_two_labels_per_class(tmp_p
     from studies.definitions import figure5_config, study_ratio
 
     small = ["data.synth.train_images=200", "data.synth.val_images=4", "data.synth.image_size=32"]
-    # 10 classes: 1% / 2% / 5% of 200 images are 2 / 4 / 10 labeled images, 10% is the first with 20
+    # 6 classes: 1% / 2% / 5% of 200 images are 2 / 4 / 10 labeled images, 10% is the first with 12+
     ratio, notes = study_ratio("demo", small, tmp_path, None)
     assert ratio == 10
-    assert notes and "1% labels is 2 images for 10 classes" in notes[0] and "--ratio" in notes[0]
+    assert notes and "1% labels is 2 images for 6 classes" in notes[0] and "--ratio" in notes[0]
     assert study_ratio("demo", small, tmp_path, 5.0) == (5.0, [])  # asked for by name: kept
     with pytest.raises(BenchError, match="--ratio"):
         study_ratio("demo", small, tmp_path, 0.0)
-    with pytest.raises(BenchError, match="too few images for a study"):  # 50% of 24: 12 for 10 classes
-        study_ratio("demo", ["data.synth.train_images=24", "data.synth.image_size=32"], tmp_path, None)
+    with pytest.raises(BenchError, match="too few images for a study"):  # 50% of 20: 10 for 6 classes
+        study_ratio("demo", ["data.synth.train_images=20", "data.synth.image_size=32"], tmp_path, None)
     # the ratio wins over the spec's 1% column, and is part of the study's identity
     assert figure5_config("demo", small, "ubteacher", 0.5, 1, ratio).data.ratio == 10
     assert figure5_config("demo", small, "ubteacher", 0.5, 1).data.ratio == 1
