@@ -48,8 +48,8 @@ def test_plan_status_report_on_partial_results(tmp_path):
     lines = [line for line in out.stdout.splitlines() if "coco_standard" in line]
     assert sum("done" in line for line in lines) == 1 and sum("pending" in line for line in lines) == 5
     assert "csd" in out.stdout  # the paper-only row is named
-    # time left estimated from the finished cell's speed for its kind; the others are not timed yet
-    assert "min of one worker slot (4 cells of kinds not timed yet" in " ".join(out.stdout.split())
+    # time left: the finished cell's speed for its kind, the preset's reference timings for the rest
+    assert "min of one worker slot (4 cells from preset demo's reference timings)" in " ".join(out.stdout.split())
 
     out = bench("status", home=tmp_path)
     assert out.returncode == 0 and "1 done" in out.stdout
