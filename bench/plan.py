@@ -23,7 +23,7 @@ from bench.teacher import teacher_config
 # Columns that change the data setting cannot run on the synthetic demo data.
 _SETTING_KEYS = ("data.setting", "data.dataset", "data.unlabeled")
 # A column whose labeled split has fewer images than this per class is left out unless its ratio
-# is asked for by name (--ratios): 1% of the demo's 600 images is 6 images for 10 classes.
+# is asked for by name (--ratios); a preset's `table_ratios` narrows the default columns further.
 MIN_LABELED_PER_CLASS = 2
 
 

@@ -163,8 +163,8 @@ def _cell_args(seed: int, ratio: float | None) -> list[str]:
 
 def study_ratio(preset: str, overrides: list[str], home: Path, ratio: float | None) -> tuple[float | None, list[str]]:
     """The labeled ratio of the ablation studies: the paper's 1% (None), `ratio` when given, else on a
-    preset whose 1% split has too few labels to compare anything (bench/plan.py's rule: the demo's
-    6 images for 10 classes) the smallest of STUDY_RATIOS that has enough, with a note saying so."""
+    preset whose 1% split has too few labels to compare anything (bench/plan.py's rule: 1% of a small
+    synthetic set) the smallest of STUDY_RATIOS that has enough, with a note saying so."""
     from bench.data.sources import prepare_data
     from bench.plan import MIN_LABELED_PER_CLASS, too_few_labels
 
