@@ -1,5 +1,5 @@
-"""`bench`: the command line. Verbs: train, eval, plan, run, report, status, clean, study, figure, ui,
-serve, data (synth | split | check | fetch), config.
+"""`bench`: the command line. Verbs: train, eval, plan, run, report, export, import, status, clean,
+study, figure, ui, serve, data (synth | split | check | fetch), config.
 
 Bad input raises BenchError, printed as one line on stderr with exit code 2.
 """
@@ -250,6 +250,37 @@ def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_H
     command = invocation()
     paths = report(spec, cells, home, out, preset, command, err=err, notes=notes)
     console.print(paths[0].read_text(), markup=False, highlight=False)
+
+
+@app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
+               out: Path = typer.Option(..., help="The archive to write (.tar.gz)."),
+               seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
+               preset: Optional[str] = TABLE_PRESET_OPT, ratios: Optional[str] = RATIOS_OPT,
+               home: Optional[Path] = HOME_OPT):
+    """Pack a table's done cells (configs, results, training logs; no weights) into an archive that
+    `bench import` merges into another store: a table run in parts on several machines or sessions."""
+    from bench import tracking
+    from bench.archive import export_cells
+
+    home = resolve_home(home)
+    if out.exists():
+        raise BenchError(f"{out} exists; choose another --out or remove it first (an export never overwrites)")
+    spec, cells, _, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    n = export_cells([c.directory(home) for c in cells], home, out,
+                     {"command": invocation(), "git_sha": tracking.git_sha(), "table": spec.name, "preset": preset})
+    console.print(f"{n} of {len(cells)} cells of {spec.name} written to {out}")
+
+
+@app.command("import")
+def import_cmd(archive: Path = typer.Argument(..., help="An archive written by `bench export`."),
+               home: Optional[Path] = HOME_OPT):
+    """Merge the cells of an exported archive into this store; cells it already has are kept as they are."""
+    from bench.archive import import_cells
+
+    home = resolve_home(home)
+    added, kept = import_cells(archive, home)
+    console.print(f"{added} cells added to {home / 'runs'}; {kept} already there, kept")
 
 
 @app.command()

@@ -217,7 +217,8 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         trainer.start_iter = state["iteration"] + 1
     elif (bcfg := burn_in_config(cfg)) is not None:  # or start from its shared burn-in, if trained
         bdir = run_dir(home, cell_key(bcfg, data))
-        if distributed.broadcast_object((bdir / "result.json").exists()):
+        # an imported burn-in (bench/archive.py) has its result but no weights: train alone then
+        if distributed.broadcast_object((bdir / "result.json").exists() and (bdir / burn_in.CHECKPOINT).exists()):
             trainer.start_iter = burn_in.load(bdir / burn_in.CHECKPOINT, trainer)
             burn_in_from = bdir.name
     if distributed.is_distributed():

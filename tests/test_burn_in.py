@@ -121,3 +121,19 @@ def test_planning_a_table_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_burn_in_without_its_weights_is_trained_through(tmp_path, tiny):
+    """A burn-in cell imported from an archive (bench/archive.py) has its result but no checkpoint:
+    its dependants train from iteration 0 and reach the result they reach alone."""
+    import shutil
+
+    cfg = _cfg(tiny)
+    alone = run_cell(cfg, tmp_path / "a", track=False, progress=False)
+    home = tmp_path / "b"
+    burn = run_cell(burn_in_config(cfg), home, track=False, progress=False)
+    (run_dir(home, burn["key"]) / "burn_in.pth").unlink()
+    shutil.rmtree(tmp_path / "a")
+    again = run_cell(cfg, home, track=False, progress=False)
+    assert again["burn_in_from"] is None
+    assert json.dumps(again["metrics"], sort_keys=True) == json.dumps(alone["metrics"], sort_keys=True)
