@@ -126,6 +126,7 @@ class PIM:
         self.t = t
         self.canonical_scale = model_cfg.canonical_scale
         self.sampling_ratio = model_cfg.pooler_sampling_ratio
+        self.aligned = model_cfg.pooler_aligned
 
     def weighted_terms(self, model: FasterRCNN, fwd_u: TrainForward, pseudo: list[dict], fwd_l: TrainForward,
                        targets_l: list[dict], lambda_u: float) -> dict[str, Tensor]:
@@ -190,7 +191,7 @@ class PIM:
         def pool(images: Tensor, props: list[Tensor]):
             features_d = model.backbone(downsample(images))
             return pool_by_level(shifted_features(features_d, self.cfg.pim_levels), props,
-                                 self.canonical_scale, 7, self.sampling_ratio)
+                                 self.canonical_scale, 7, self.sampling_ratio, self.aligned)
 
         batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.backbone.modules())
         if not batch_norm and all(b.shape[-2:] == batches[0].shape[-2:] for b in batches):

@@ -337,7 +337,8 @@ class PseCo(MeanTeacherAdapter):
         shifted = shifted_maps(model.backbone(downsample(image_list.tensors)))
         rpn_cls, rpn_loc = rpn_loss(model.rpn, image_list, list(shifted.values()), self.v2_anchors, rpn_set)
         by_level = {k: shifted[name] for name, k in POOLED_LEVELS.items() if name in shifted}
-        pooled, has_source = pool_by_level(by_level, samples.proposals, heads.canonical_scale, 7, heads.sampling_ratio)
+        pooled, has_source = pool_by_level(by_level, samples.proposals, heads.canonical_scale, 7, heads.sampling_ratio,
+                                           heads.pooler_aligned)
         keep = torch.where(has_source)[0]
         logits, deltas = heads.box_predictor(heads.box_head(pooled[keep]))
         labels, n = samples.labels, max(len(samples.labels), 1)

@@ -82,6 +82,9 @@ class ModelConfig(_Strict):
     roi_positive_fraction: float = Field(0.25, gt=0, le=1)
     representation_size: int = 1024
     pooler_sampling_ratio: int = Field(2, ge=0)  # RoIAlign samples per bin side (detectron2: 0 = adaptive)
+    # RoIAlign with the half-pixel offset (detectron2's ROIAlignV2, mmcv's aligned=True), as every
+    # original uses; false: the legacy sampling (the detector before version 4, bench/keys.py)
+    pooler_aligned: bool = True
     # RoI -> FPN level: floor(canonical_level + log2(sqrt(area) / canonical_scale)); torchvision and
     # detectron2 use 224 / 4 for ImageNet-sized objects; small-image presets scale it down.
     canonical_scale: int = 224

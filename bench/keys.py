@@ -17,7 +17,8 @@ CODE_VERSION = {"supervised": 1, "ubteacher": 2, "stac": 2}
 # The detector code shared by every method. 2: frozen BN folded into the convs, channels-last
 # trunk (float rounding). 3: RoIAlign as one weighted gather over all levels, NMS in float64 with
 # the levels (classes) offset, 1x1 convolutions as matrix products (float rounding; same draws).
-DETECTOR_VERSION = 3
+# 4: RoIAlign with the half-pixel offset (`model.pooler_aligned`, on by default) as the originals.
+DETECTOR_VERSION = 4
 # LSM's code, in the key of LSM cells only. 2: PIM's labeled and unlabeled groups share one
 # half-size backbone pass and one head pass (float rounding). 3: the main branch's RoI classification
 # leaves out the RoIs of pseudo-boxes scored in (alpha, t] (`lsm.ignore_uncertain`, on by default).

@@ -503,8 +503,13 @@ def roi_levels(boxes: Tensor, canonical_scale: float, canonical_level: int = 4, 
 
 
 def pool_by_level(features: dict[int, Tensor], proposals: list[Tensor], canonical_scale: float,
-                  output_size: int = 7, sampling_ratio: int = 2) -> tuple[Tensor, Tensor]:
+                  output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True) -> tuple[Tensor, Tensor]:
     """RoIAlign every RoI from the map of its FPN level; `features[k]` has stride 2**k.
+
+    `aligned` (the default, `model.pooler_aligned`): box corners are shifted by half a pixel so that
+    a sample at continuous coordinate x reads pixel centre x - 0.5, as detectron2's ROIAlignV2 and
+    mmcv's aligned=True do (the originals of UBT, Soft Teacher and PseCo); False is the legacy
+    RoIAlign, whose samples are half a pixel off and whose small boxes are stretched to 1 pixel.
 
     Returns (pooled (R, C, s, s) in RoI order, has_source (R,) bool). A RoI whose level has no map
     in `features` gets zeros and has_source False (LSM's shifted pyramid has no P2 source).
@@ -521,11 +526,11 @@ def pool_by_level(features: dict[int, Tensor], proposals: list[Tensor], canonica
                                         output_size=len(boxes))
     levels = roi_levels(boxes, canonical_scale)
     if sampling_ratio <= 0:  # adaptive sampling has a per-RoI number of taps: torchvision per level
-        return _pool_by_level_roi_align(features, boxes, image_idx, levels, output_size, sampling_ratio)
-    return roi_align_gather(features, boxes, image_idx, levels, output_size, sampling_ratio)
+        return _pool_by_level_roi_align(features, boxes, image_idx, levels, output_size, sampling_ratio, aligned)
+    return roi_align_gather(features, boxes, image_idx, levels, output_size, sampling_ratio, aligned)
 
 
-def _pool_by_level_roi_align(features, boxes, image_idx, levels, output_size, sampling_ratio):
+def _pool_by_level_roi_align(features, boxes, image_idx, levels, output_size, sampling_ratio, aligned=True):
     rois = torch.cat([image_idx[:, None].to(boxes.dtype), boxes], dim=1)
     some = next(iter(features.values()))
     pooled = some.new_zeros((len(boxes), some.shape[1], output_size, output_size))
@@ -534,19 +539,25 @@ def _pool_by_level_roi_align(features, boxes, image_idx, levels, output_size, sa
         idx = torch.where(levels == level)[0]
         if len(idx):
             pooled[idx] = roi_align(feat, rois[idx], output_size, spatial_scale=1.0 / 2**level,
-                                    sampling_ratio=sampling_ratio, aligned=False).to(pooled.dtype)
+                                    sampling_ratio=sampling_ratio, aligned=aligned).to(pooled.dtype)
             has_source[idx] = True
     return pooled, has_source
 
 
-def _bilinear_taps(start: Tensor, end: Tensor, size: Tensor, output_size: int, sampling_ratio: int):
-    """Along one axis, RoIAlign's (aligned=False) sample points of every bin and their two
-    bilinear neighbours: (index (R, out, 2 * sr) int64, weight (R, out, 2 * sr)).
+def _bilinear_taps(start: Tensor, end: Tensor, size: Tensor, output_size: int, sampling_ratio: int,
+                   aligned: bool = True):
+    """Along one axis, RoIAlign's sample points of every bin and their two bilinear neighbours:
+    (index (R, out, 2 * sr) int64, weight (R, out, 2 * sr)).
 
-    Same arithmetic as torchvision's kernel: bin = max(end - start, 1) / out, samples at
+    Same arithmetic as torchvision's kernel: aligned, start and end move by -0.5 and bin =
+    (end - start) / out; not aligned, bin = max(end - start, 1) / out. Samples at
     start + p * bin + (i + 0.5) * bin / sr; a sample outside [-1, size] weighs 0, one in [-1, 0]
     is moved to 0, one at or past the last row uses that row only."""
-    bin_size = (end - start).clamp(min=1.0) / output_size
+    if aligned:
+        start, end = start - 0.5, end - 0.5
+        bin_size = (end - start) / output_size
+    else:
+        bin_size = (end - start).clamp(min=1.0) / output_size
     p = torch.arange(output_size, dtype=start.dtype, device=start.device)
     i = torch.arange(sampling_ratio, dtype=start.dtype, device=start.device) + 0.5
     pos = ((start[:, None] + p * bin_size[:, None])[:, :, None]
@@ -585,8 +596,8 @@ class _WeightedGather(torch.autograd.Function):
 
 
 def roi_align_gather(features: dict[int, Tensor], boxes: Tensor, image_idx: Tensor, levels: Tensor,
-                     output_size: int = 7, sampling_ratio: int = 2) -> tuple[Tensor, Tensor]:
-    """RoIAlign (aligned=False, fixed sampling ratio) of every RoI from `features[levels[r]]` in
+                     output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True) -> tuple[Tensor, Tensor]:
+    """RoIAlign (fixed sampling ratio, `aligned` as torchvision's) of every RoI from `features[levels[r]]` in
     one `embedding_bag`: the maps of all levels are rows (pixels) of one table, and each output
     bin is the weighted sum of its sr * sr samples' four bilinear neighbours. The weights are
     separable (y taps x x taps), as in torchvision's kernel; results agree to float rounding."""
@@ -609,8 +620,8 @@ def roi_align_gather(features: dict[int, Tensor], boxes: Tensor, image_idx: Tens
     row0, h, w, has_source = lut[0, lv], lut[1, lv], lut[2, lv], lut[3, lv].bool()
     s = lut_scale[lv]
     b = boxes.to(compute_dtype)
-    yi, yw = _bilinear_taps(b[:, 1] * s, b[:, 3] * s, h.to(compute_dtype), output_size, sampling_ratio)
-    xi, xw = _bilinear_taps(b[:, 0] * s, b[:, 2] * s, w.to(compute_dtype), output_size, sampling_ratio)
+    yi, yw = _bilinear_taps(b[:, 1] * s, b[:, 3] * s, h.to(compute_dtype), output_size, sampling_ratio, aligned)
+    xi, xw = _bilinear_taps(b[:, 0] * s, b[:, 2] * s, w.to(compute_dtype), output_size, sampling_ratio, aligned)
     base = row0 + image_idx * (h * w)
     index = (base[:, None, None, None, None] + yi[:, :, None, :, None] * w[:, None, None, None, None]
              + xi[:, None, :, None, :])  # (R, out_y, out_x, taps_y, taps_x)
@@ -667,6 +678,7 @@ class RoIHeads(nn.Module):
         self.num_classes = num_classes
         self.canonical_scale = cfg.canonical_scale
         self.sampling_ratio = cfg.pooler_sampling_ratio
+        self.pooler_aligned = cfg.pooler_aligned
         self.box_head = TwoFCHead(in_channels * 7 * 7, cfg.representation_size)
         self.box_predictor = BoxPredictor(cfg.representation_size, num_classes)
         self.matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
@@ -727,7 +739,8 @@ class RoIHeads(nn.Module):
     def box_features(self, features: dict[str, Tensor], proposals: list[Tensor]) -> Tensor:
         """E(RoIAlign(P2..P5)): the main branch's box features."""
         by_level = {k: features[name] for name, k in POOLED_LEVELS.items()}
-        pooled, _ = pool_by_level(by_level, proposals, self.canonical_scale, 7, self.sampling_ratio)
+        pooled, _ = pool_by_level(by_level, proposals, self.canonical_scale, 7, self.sampling_ratio,
+                                  self.pooler_aligned)
         return self.box_head(pooled)
 
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:

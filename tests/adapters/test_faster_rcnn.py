@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from adapters.models.faster_rcnn import build_backbone, build_faster_rcnn, focal_ce_loss, roi_levels
+from adapters.models.faster_rcnn import build_backbone, build_faster_rcnn, focal_ce_loss, pool_by_level, roi_levels
 from bench.config import ModelConfig
 from bench.errors import BenchError
 
@@ -31,6 +31,34 @@ def test_roi_levels_follow_fpn_rule():
     assert roi_levels(boxes, canonical_scale=224).tolist() == [2, 2, 2, 3, 4, 5, 5]
     # a smaller canonical scale moves the same boxes up the pyramid
     assert roi_levels(boxes[:2], canonical_scale=56).tolist() == [2, 4]
+
+
+def test_roi_align_samples_with_the_half_pixel_offset_by_hand():
+    """aligned RoIAlign (the originals' pooler) against samples computed by hand; the map is x^2 + 10 y,
+    so bilinear interpolation between columns is visible (x = 3.5 reads (9 + 16) / 2 = 12.5)."""
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    feat = {2: (xs**2 + 10 * ys)[None, None]}  # stride 4; the box is small enough for P2
+    box = [torch.tensor([[8.0, 8.0, 24.0, 16.0]])]  # (2, 2)-(6, 4) on the map
+    one, _ = pool_by_level(feat, box, canonical_scale=224, output_size=1, sampling_ratio=1)
+    # centre (4, 3) on the map, minus half a pixel: x 3.5 -> 12.5, y 2.5 -> 25
+    assert one.flatten().tolist() == pytest.approx([37.5])
+    legacy, _ = pool_by_level(feat, box, canonical_scale=224, output_size=1, sampling_ratio=1, aligned=False)
+    assert legacy.flatten().tolist() == pytest.approx([16.0 + 30.0])  # the unshifted centre (4, 3)
+    # 2x2 bins, one sample each: x 1.5..5.5 -> samples 2.5 and 4.5 (6.5, 20.5); y 1.5..3.5 -> 2 and 3
+    four, _ = pool_by_level(feat, box, canonical_scale=224, output_size=2, sampling_ratio=1)
+    assert four[0, 0].tolist() == [pytest.approx([26.5, 40.5]), pytest.approx([36.5, 50.5])]
+    # a box narrower than a pixel is not stretched to one: x 3.75..4 on the map, centre 3.875 - 0.5
+    # -> 9 * 0.625 + 16 * 0.375 (legacy: 3.75..4.75, centre 4.25 -> 16 * 0.75 + 25 * 0.25)
+    thin = [torch.tensor([[15.0, 8.0, 16.0, 16.0]])]
+    pooled, _ = pool_by_level(feat, thin, canonical_scale=224, output_size=1, sampling_ratio=1)
+    assert pooled.flatten().tolist() == pytest.approx([11.625 + 25.0])
+    pooled, _ = pool_by_level(feat, thin, canonical_scale=224, output_size=1, sampling_ratio=1, aligned=False)
+    assert pooled.flatten().tolist() == pytest.approx([18.25 + 30.0])
+
+
+def test_the_detector_pools_aligned_by_default():
+    assert build_faster_rcnn(tiny_cfg(), num_classes=2).roi_heads.pooler_aligned is True
+    assert build_faster_rcnn(tiny_cfg(pooler_aligned=False), num_classes=2).roi_heads.pooler_aligned is False
 
 
 def test_train_forward_losses_and_detection_shapes():

@@ -23,11 +23,13 @@ def test_shift_alignment_pools_the_same_features():
     boxes = torch.tensor([[10.0, 12, 60, 70], [0, 0, 100, 100], [30, 30, 58, 62], [0, 0, 127, 127]])
     levels = roi_levels(boxes, canonical_scale=56)
     assert levels.tolist() == [3, 4, 3, 5]
-    # reference: torchvision's own multi-scale pooler on the main pyramid
+    # reference: torchvision's own multi-scale pooler on the main pyramid (its RoIAlign is the legacy one)
     pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2, canonical_scale=56)
-    expected = pooler(main, [boxes], [image_size])
-    main_pooled, _ = pool_by_level({k: main[f"p{k}"] for k in (2, 3, 4, 5)}, [boxes], canonical_scale=56)
-    assert torch.allclose(main_pooled, expected, atol=1e-6)
+    legacy = pooler(main, [boxes], [image_size])
+    main_legacy, _ = pool_by_level({k: main[f"p{k}"] for k in (2, 3, 4, 5)}, [boxes], canonical_scale=56,
+                                   aligned=False)
+    assert torch.allclose(main_legacy, legacy, atol=1e-6)
+    expected, _ = pool_by_level({k: main[f"p{k}"] for k in (2, 3, 4, 5)}, [boxes], canonical_scale=56)
     pooled, has_source = pool_by_level(shifted_features(down, ["p2", "p3", "p4"]), [boxes], canonical_scale=56)
     assert has_source.all()
     assert torch.allclose(pooled, expected, atol=1e-6)

@@ -23,7 +23,7 @@ from tests.adapters.test_faster_rcnn import tiny_cfg
 
 
 # ---------------------------------------------------------------- references (the previous code)
-def reference_pool_by_level(features, proposals, canonical_scale, output_size=7, sampling_ratio=2):
+def reference_pool_by_level(features, proposals, canonical_scale, output_size=7, sampling_ratio=2, aligned=True):
     boxes = torch.cat(proposals)
     batch_idx = torch.cat([torch.full((len(p), 1), i, dtype=boxes.dtype) for i, p in enumerate(proposals)])
     rois = torch.cat([batch_idx, boxes], dim=1)
@@ -35,7 +35,7 @@ def reference_pool_by_level(features, proposals, canonical_scale, output_size=7,
         idx = torch.where(levels == level)[0]
         if len(idx):
             pooled[idx] = roi_align(feat, rois[idx], output_size, spatial_scale=1.0 / 2**level,
-                                    sampling_ratio=sampling_ratio, aligned=False)
+                                    sampling_ratio=sampling_ratio, aligned=aligned)
             has_source[idx] = True
     return pooled, has_source
 
@@ -253,10 +253,10 @@ def test_pool_by_level_matches_roi_align_forward_and_backward():
     proposals = [random_boxes(70, 80, gen, max_side=80), random_boxes(50, 80, gen, max_side=80)]
     # boxes partly or wholly outside the map, degenerate, and at its far edge
     proposals[0][:4] = torch.tensor([[-5.0, -5, 90, 100], [-40, -40, -20, -20], [10, 10, 10, 10], [70, 90, 80, 96]])
-    for subset in ((2, 3, 4, 5), (3, 4, 5)):  # LSM's shifted pyramid has no P2 source
-        fs = {k: feats[k] for k in subset}
-        new, has = pool_by_level(fs, proposals, canonical_scale=20)
-        old, ref_has = reference_pool_by_level(fs, proposals, canonical_scale=20)
+    for subset, aligned in (((2, 3, 4, 5), True), ((3, 4, 5), True), ((2, 3, 4, 5), False)):
+        fs = {k: feats[k] for k in subset}  # (3, 4, 5): LSM's shifted pyramid has no P2 source
+        new, has = pool_by_level(fs, proposals, canonical_scale=20, aligned=aligned)
+        old, ref_has = reference_pool_by_level(fs, proposals, canonical_scale=20, aligned=aligned)
         assert torch.equal(has, ref_has)
         torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
         g = torch.randn(old.shape, generator=gen)
