@@ -58,6 +58,11 @@ def batch_to_device(items: list[dict], view: str, device: torch.device) -> tuple
     return images, targets
 
 
+def teacher_rpn_settings(semi) -> str:
+    """The RPN top-n settings of a mean teacher's pseudo-labelling pass (`semi.teacher_proposals`)."""
+    return {"train": "training", "test": "testing"}[semi.teacher_proposals]
+
+
 class Adapter(ABC):
     name: ClassVar[str] = ""
     labeled_views: ClassVar[tuple[str, ...]] = ("weak",)

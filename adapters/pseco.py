@@ -39,7 +39,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 
 from adapters import mlc
-from adapters.base import MeanTeacherAdapter, StepOutput, register
+from adapters.base import MeanTeacherAdapter, StepOutput, register, teacher_rpn_settings
 from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
 from adapters.lsm import main_cls_loss, uncertain_marks, uncertain_rois
 from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads, RoISamples, TrainForward,
@@ -284,7 +284,7 @@ class PseCo(MeanTeacherAdapter):
         teacher, heads = self.teacher, self.teacher.roi_heads
         teacher.eval()
         image_list, features = teacher.extract(images)
-        proposals, _ = teacher.rpn(image_list, features)
+        proposals, _ = teacher.rpn(image_list, features, settings=teacher_rpn_settings(self.cfg.semi))
         logits, deltas = heads.box_predictor(heads.box_features(features, proposals))
         dets = heads.postprocess(logits, deltas, proposals, image_list.image_sizes)
         floor = min(self.pc.initial_score_thr, self.lsm.alpha) if self.pim else self.pc.initial_score_thr

@@ -36,7 +36,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
-from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
+from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register, teacher_rpn_settings
 from adapters.engine.ema import ema_update
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
 from adapters.lsm import uncertain_marks, uncertain_rois
@@ -224,7 +224,7 @@ class SoftTeacher(MeanTeacherAdapter):
         teacher = self.teacher
         teacher.eval()
         image_list, features = teacher.extract(images)
-        proposals, _ = teacher.rpn(image_list, features)
+        proposals, _ = teacher.rpn(image_list, features, settings=teacher_rpn_settings(self.cfg.semi))
         heads = teacher.roi_heads
         logits, deltas = heads.box_predictor(heads.box_features(features, proposals))
         dets = heads.postprocess(logits, deltas, proposals, image_list.image_sizes)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from adapters import mlc
-from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register
+from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register, teacher_rpn_settings
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
 from adapters.lsm import main_cls_loss, uncertain_marks, uncertain_rois
 
@@ -51,8 +51,8 @@ class UnbiasedTeacher(MeanTeacherAdapter):
 
     @torch.no_grad()
     def pseudo_label(self, images_weak: list) -> list[dict]:
-        self.teacher.eval()
-        return self.teacher.detect(images_weak)
+        self.teacher.eval()  # RoI head in inference mode; the RPN's counts per `semi.teacher_proposals`
+        return self.teacher.detect(images_weak, rpn_settings=teacher_rpn_settings(self.cfg.semi))
 
     def training_step(self, iteration: int, batch: dict) -> StepOutput:
         self.student.train()

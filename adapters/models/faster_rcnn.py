@@ -432,14 +432,24 @@ class BatchedRPN(RegionProposalNetwork):
         objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
         return objectness_loss, box_loss
 
-    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes, num_anchors_per_level):
+    def top_n(self, settings: str | None = None) -> tuple[int, int]:
+        """(pre-NMS per level, post-NMS) proposal counts: `settings` "training" / "testing", or the
+        module's mode when None. A teacher in eval mode may ask for the training counts (the
+        originals' teachers make pseudo-labels from their train-time proposals)."""
+        if settings is None:
+            settings = "training" if self.training else "testing"
+        return self._pre_nms_top_n[settings], self._post_nms_top_n[settings]
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes, num_anchors_per_level,
+                         settings: str | None = None):
         """Top-n per level, clip, drop small and low-scoring boxes, NMS per level, top-n overall."""
+        pre_nms_top_n, post_nms_top_n = self.top_n(settings)
         num_images = proposals.shape[0]
         device = proposals.device
         objectness = objectness.detach().reshape(num_images, -1)
         top_idx, levels, start = [], [], 0
         for level, n in enumerate(num_anchors_per_level):
-            k = min(self.pre_nms_top_n(), n)
+            k = min(pre_nms_top_n, n)
             top_idx.append(objectness[:, start:start + n].topk(k, dim=1).indices + start)
             levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
             start += n
@@ -455,10 +465,12 @@ class BatchedRPN(RegionProposalNetwork):
         image_idx = torch.div(flat, k, rounding_mode="floor")
         flat_boxes, flat_scores = boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat]
         keeps = nms_per_image(flat_boxes, flat_scores, levels[flat % k], image_idx, num_images,
-                              len(num_anchors_per_level), self.nms_thresh, self.post_nms_top_n())
+                              len(num_anchors_per_level), self.nms_thresh, post_nms_top_n)
         return [flat_boxes[kp] for kp in keeps], [flat_scores[kp] for kp in keeps]
 
-    def forward(self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):
+    def forward(self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None,
+                settings: str | None = None):
+        """Proposals (and losses in training mode); `settings` picks the top-n counts (`top_n`)."""
         features = list(features.values())
         objectness, pred_bbox_deltas = self.head(features)
         gen = self.anchor_generator
@@ -472,7 +484,8 @@ class BatchedRPN(RegionProposalNetwork):
         objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
         proposals = decode_boxes(pred_bbox_deltas.detach().view(num_images, -1, 4), anchors, self.box_coder.weights,
                                  self.box_coder.bbox_xform_clip)
-        boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level,
+                                              settings)
         losses = {}
         if self.training:
             if targets is None:
@@ -855,9 +868,10 @@ class FasterRCNN(nn.Module):
         return TrainForward(losses, image_list, features, proposals, samples, box_feats, logits, deltas)
 
     @torch.no_grad()
-    def detect(self, images: list[Tensor]) -> list[dict]:
+    def detect(self, images: list[Tensor], rpn_settings: str | None = None) -> list[dict]:
+        """Detections; `rpn_settings` "training" makes proposals with the train-time top-n counts."""
         image_list, features = self.extract(images)
-        proposals, _ = self.rpn(image_list, features)
+        proposals, _ = self.rpn(image_list, features, settings=rpn_settings)
         feats = self.roi_heads.box_features(features, proposals)
         logits, deltas = self.roi_heads.box_predictor(feats)
         return self.roi_heads.postprocess(logits, deltas, proposals, image_list.image_sizes)

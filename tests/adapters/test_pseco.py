@@ -169,6 +169,27 @@ def _adapter(cfg, data, pcfg=LOW, **lsm):
     return cfg, adapter
 
 
+@pytest.mark.parametrize("mode,expected", [("train", 37), ("test", 11)])
+def test_teacher_proposals_follow_the_train_time_rpn_settings(setting, mode, expected):
+    """The original's teacher proposes with its train-time `rpn_proposal` counts (`semi.teacher_proposals`)."""
+    cfg, data = setting
+    model = cfg.model.model_copy(update={"rpn_pre_nms_top_n_train": 400, "rpn_post_nms_top_n_train": 37,
+                                         "rpn_pre_nms_top_n_test": 400, "rpn_post_nms_top_n_test": 11})
+    cfg = cfg.model_copy(update={"model": model, "semi": cfg.semi.model_copy(update={"teacher_proposals": mode})})
+    cfg, adapter = _adapter(cfg, data)
+    counts = []
+    rpn_forward = adapter.teacher.rpn.forward
+
+    def counting(*args, **kwargs):
+        boxes, losses = rpn_forward(*args, **kwargs)
+        counts.extend(len(b) for b in boxes)
+        return boxes, losses
+
+    adapter.teacher.rpn.forward = counting
+    adapter.pseudo_label([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    assert counts == [expected, expected]
+
+
 def test_burn_in_is_supervised_with_the_sigmoid_focal_head(setting):
     cfg, data = setting
     cfg, adapter = _adapter(cfg, data)

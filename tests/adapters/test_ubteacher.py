@@ -43,6 +43,30 @@ def test_burn_in_step_is_supervised_on_both_views(setting):
     assert set(out.losses) == {"loss_rpn_cls_sup", "loss_rpn_loc_sup", "loss_cls_sup", "loss_box_reg_sup"}
 
 
+@pytest.mark.parametrize("mode,expected", [("train", 37), ("test", 11)])
+def test_teacher_proposals_follow_the_train_time_rpn_settings(setting, mode, expected):
+    """The original's teacher proposes with the RPN's train-time top-n (its RPN stays in training
+    mode) while its RoI head runs inference; `semi.teacher_proposals=test` is a plain detection pass."""
+    cfg, data = setting
+    model = cfg.model.model_copy(update={"rpn_pre_nms_top_n_train": 400, "rpn_post_nms_top_n_train": 37,
+                                         "rpn_pre_nms_top_n_test": 400, "rpn_post_nms_top_n_test": 11})
+    cfg = cfg.model_copy(update={"model": model, "semi": cfg.semi.model_copy(update={"teacher_proposals": mode})})
+    cfg, adapter = _adapter(cfg, data)
+    counts = []
+    rpn_forward = adapter.teacher.rpn.forward
+
+    def counting(*args, **kwargs):
+        boxes, losses = rpn_forward(*args, **kwargs)
+        counts.extend(len(b) for b in boxes)
+        return boxes, losses
+
+    adapter.teacher.rpn.forward = counting
+    batch = _first_batch(cfg, adapter, data)
+    out = adapter.training_step(cfg.semi.burn_in, batch)
+    assert counts == [expected] * cfg.solver.ims_per_batch_unlabeled  # the untrained RPN keeps > 37 after NMS
+    assert not adapter.teacher.training and "loss_cls_unsup" in out.losses  # inference-mode RoI head
+
+
 def test_lsm_off_gives_the_plain_unbiased_teacher_losses(setting):
     cfg, data = setting
     cfg_off, plain = _adapter(cfg, data, enabled=False)
