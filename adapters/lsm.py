@@ -109,6 +109,18 @@ def uncertain_rois(rois: list[Tensor], candidates: list[dict], iou_thr: float = 
     return torch.cat([o.to(out[-1].device) for o in out])
 
 
+def pim_cls_loss(heads, aux_logits: Tensor, labels: Tensor, norm: int, kind: str) -> Tensor:
+    """F_aux's classification loss over its RoIs, divided by `norm` (all RoIs sampled for the group).
+    `ce`: plain softmax cross-entropy summed over the RoIs, as the authors' PIM branch, whatever loss
+    the host trains its own classifier with; `host`: the host RoI head's loss (its own normalisation
+    rescaled to `norm`)."""
+    if kind == "ce":
+        if labels.numel() == 0:
+            return aux_logits.sum() * 0
+        return F.cross_entropy(aux_logits, labels, reduction="sum") / norm
+    return heads.classification_loss(aux_logits, labels) * len(labels) / norm
+
+
 def main_cls_loss(heads, logits: Tensor, labels: Tensor, ignore: Tensor) -> Tensor:
     """The main branch's RoI classification loss without the ignored RoIs, normalised by the RoIs
     kept (the ignored ones are treated as if they had not been sampled)."""
@@ -169,7 +181,7 @@ class PIM:
             labels, aux_logits, deltas = s.labels[keep], aux_all[in_group], deltas_all[in_group]
             norm = max(n, 1)  # normalise by all sampled RoIs, like the main branch
             terms = {
-                "loss_pim_cls": heads.classification_loss(aux_logits, labels) * len(labels) / norm,
+                "loss_pim_cls": pim_cls_loss(heads, aux_logits, labels, norm, self.cfg.pim_cls_loss),
                 "loss_pim_reg": heads.box_regression_loss(deltas, labels, s.regression_targets[keep]) * len(labels) / norm,
             }
             if sd:

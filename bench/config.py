@@ -123,6 +123,10 @@ class SemiConfig(_Strict):
     ema_keep_rate: float = Field(0.9996, ge=0, le=1)
     t: float = Field(0.7, ge=0, le=1)  # pseudo-label threshold of the main branch
     lambda_u: float = Field(4.0, ge=0)
+    # which RPN top-n counts the teacher's pseudo-labelling pass uses: `train` (model.rpn_*_train) as
+    # the originals of UBT, Soft Teacher and PseCo (their teachers propose with train-time settings
+    # while the RoI head runs inference), `test` (model.rpn_*_test) as a plain detection pass
+    teacher_proposals: Literal["train", "test"] = "train"
 
 
 class LSMConfig(_Strict):
@@ -135,6 +139,9 @@ class LSMConfig(_Strict):
     pim_on_labeled: bool = True  # PIM also learns from the labeled batch's ground truth
     sd: bool = True
     sd_weight: float = Field(0.2, ge=0)  # authors' (disabled) distillation term used 0.2
+    # F_aux's loss: ce = plain softmax cross-entropy (the authors' PIM branch, whatever the host's RoI
+    # loss); host = the host detector's RoI classification loss (UBT's focal, PseCo's sigmoid focal)
+    pim_cls_loss: Literal["ce", "host"] = "ce"
     # RoIs matched to pseudo-boxes scored in (alpha, t] are left out of the main branch's RoI
     # classification loss (the authors' code); false trains them as background, as UBT alone does.
     # Part of a cell's key only when LSM is on (key_dict).
@@ -310,6 +317,7 @@ class RunConfig(_Strict):
             d.pop("mlc")
         if not self.lsm.enabled:  # added later and inert without LSM: other cells keep their keys
             d["lsm"].pop("ignore_uncertain")
+            d["lsm"].pop("pim_cls_loss")
         if self.lsm.naive_large_area:  # naive_min_area was once compared in view pixels: new keys
             d["lsm"]["naive_area_pixels"] = "original"
         return d

@@ -13,7 +13,9 @@ import json
 
 # ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
 # stac 2: STAC's own strong augmentation instead of Unbiased Teacher's.
-CODE_VERSION = {"supervised": 1, "ubteacher": 2, "stac": 2}
+# ubteacher 3, softteacher 2, pseco 2: the teacher proposes with the RPN's train-time top-n
+# (`semi.teacher_proposals`, default train), as the originals.
+CODE_VERSION = {"supervised": 1, "ubteacher": 3, "stac": 2, "softteacher": 2, "pseco": 2}
 # The detector code shared by every method. 2: frozen BN folded into the convs, channels-last
 # trunk (float rounding). 3: RoIAlign as one weighted gather over all levels, NMS in float64 with
 # the levels (classes) offset, 1x1 convolutions as matrix products (float rounding; same draws).
@@ -22,7 +24,9 @@ DETECTOR_VERSION = 4
 # LSM's code, in the key of LSM cells only. 2: PIM's labeled and unlabeled groups share one
 # half-size backbone pass and one head pass (float rounding). 3: the main branch's RoI classification
 # leaves out the RoIs of pseudo-boxes scored in (alpha, t] (`lsm.ignore_uncertain`, on by default).
-LSM_VERSION = 3
+# 4: PIM's classifier learns with plain cross-entropy (`lsm.pim_cls_loss: ce`) as the authors' code,
+# not the host's RoI loss (UBT's focal, PseCo's sigmoid focal).
+LSM_VERSION = 4
 
 
 def cell_key(cfg, data) -> str:

@@ -61,6 +61,16 @@ def test_ignore_uncertain_enters_the_key_of_lsm_cells_only():
     assert with_overrides(lsm, {"lsm": {"ignore_uncertain": False}}).key() != lsm.key()
 
 
+def test_pim_cls_loss_is_ce_and_enters_the_key_of_lsm_cells_only():
+    plain = load_config("demo", ["method=ubteacher"])
+    assert plain.lsm.pim_cls_loss == "ce"  # the authors' PIM branch, though the demo's host uses focal
+    assert with_overrides(plain, {"lsm": {"pim_cls_loss": "host"}}).key() == plain.key()
+    lsm = with_overrides(plain, {"lsm": {"enabled": True}})
+    assert with_overrides(lsm, {"lsm": {"pim_cls_loss": "host"}}).key() != lsm.key()
+    with pytest.raises(BenchError, match=r"^override: invalid value for 'lsm.pim_cls_loss'"):
+        with_overrides(lsm, {"lsm": {"pim_cls_loss": "focal"}})
+
+
 def test_naive_large_area_is_refused_with_lsm_and_outside_ubt_in_one_line():
     with pytest.raises(BenchError, match=r"^preset 'demo': lsm.naive_large_area is Table 5's variant without PIM; "
                                          r"set lsm.enabled=false with it \(or lsm.naive_large_area=false for LSM\)$"):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign
 
 from adapters.engine.ema import ema_update
@@ -240,3 +241,49 @@ def _check_groups(pim, model, groups, passes: int):
         assert j == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert torch.allclose(g_joint, g_alone, rtol=1e-4, atol=1e-6)
     hook.remove()
+
+
+def test_pim_classification_loss_is_plain_cross_entropy_by_hand():
+    """The authors' PIM branch uses softmax CE whatever the host's RoI loss (UBT: focal, gamma 1.5)."""
+    from adapters.lsm import pim_cls_loss
+
+    heads = RoIHeads(2, 1, ModelConfig(representation_size=8, cls_loss="focal"))
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    p0, p1 = math.exp(2) / (math.exp(2) + 2), 1 / (2 + math.e)
+    ce = -math.log(p0) - math.log(p1)  # summed, then / 4 sampled RoIs of the group (two without a source)
+    assert pim_cls_loss(heads, logits, labels, 4, "ce").item() == pytest.approx(ce / 4, rel=1e-6)
+    focal = (1 - p0) ** 1.5 * -math.log(p0) + (1 - p1) ** 1.5 * -math.log(p1)
+    assert pim_cls_loss(heads, logits, labels, 4, "host").item() == pytest.approx(focal / 4, rel=1e-6)
+    assert pim_cls_loss(heads, logits[:0], labels[:0], 1, "ce").item() == 0
+
+
+@pytest.mark.parametrize("kind", ["ce", "host"])
+def test_pim_step_uses_the_configured_classification_loss(kind):
+    """Inside PIM.losses on a focal host: loss_pim_cls = CE (or focal) of F_aux's logits over the RoIs
+    that have a shifted source, / all RoIs sampled."""
+    from adapters.lsm import PIM
+    from adapters.models.faster_rcnn import focal_ce_loss
+    from bench.config import LSMConfig
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(cls_loss="focal")
+    model = build_faster_rcnn(cfg, num_classes=2)
+    attach_aux_classifier(model)
+    model.train()
+    box = {"boxes": torch.tensor([[8.0, 8, 60, 50], [20, 30, 90, 100]]), "labels": torch.tensor([0, 1])}
+    pim = PIM(LSMConfig(enabled=True, alpha=0.5, pim_cls_loss=kind), t=0.7, model_cfg=cfg)
+    fwd = model.train_forward([torch.rand(3, 96, 128)], [box])
+    seen = {}
+    heads, sample, pool = model.roi_heads, model.roi_heads.sample, pim._pool_shifted
+    heads.sample = lambda *a: seen.setdefault("samples", sample(*a))
+    pim._pool_shifted = lambda *a: seen.setdefault("pooled", pool(*a))
+    heads.aux_cls_score.register_forward_hook(lambda m, i, out: seen.setdefault("aux", out))
+    loss = pim.losses(model, [(fwd, [box], False)])[0]["loss_pim_cls"]
+    labels = seen["samples"].labels[seen["pooled"][1]]
+    n = len(seen["samples"].labels)
+    assert 0 < len(labels) <= n
+    ce = F.cross_entropy(seen["aux"], labels, reduction="sum") / n
+    focal = focal_ce_loss(seen["aux"], labels, cfg.focal_gamma) / n
+    assert loss.item() == pytest.approx((ce if kind == "ce" else focal).item(), rel=1e-5)
+    assert ce.item() != pytest.approx(focal.item(), rel=1e-3)
