@@ -17,7 +17,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.cli_common import HOME_OPT, invocation, resolve_home
+from bench.cli_common import (
+    HOME_OPT,
+    check_config,
+    check_device,
+    check_devices,
+    check_overrides,
+    check_seeds,
+    invocation,
+    parse_ratios,
+    resolve_home,
+)
 from bench.errors import BenchError
 from bench.study_cli import FIGURES, OUT_OPT, STORAGE_OPT, study_app
 from bench.study_cli import figure as figure_cmd
@@ -58,7 +68,9 @@ def train(
     from bench.config import load_config
     from bench.worker import run_cell
 
-    overrides = list(ctx.args)
+    overrides = check_overrides(list(ctx.args))
+    if device is not None:
+        check_device(device)
     if ratio is not None:
         overrides.append(f"data.ratio={ratio}")
     if data_root is not None:
@@ -66,6 +78,7 @@ def train(
     if lsm:
         overrides.append("lsm.enabled=true")
     cfg = load_config(preset, overrides, method=method, seed=seed, device=device)
+    check_config(cfg)
     result = run_cell(cfg, resolve_home(home), track=track)
     _print_result(result)
 
@@ -85,13 +98,22 @@ def _print_result(result: dict) -> None:
 
 def _plan(table: str, preset: Optional[str], seeds: int, ratios: Optional[str], overrides: list[str], home: Path):
     """(spec, cells, notes, preset): without --preset, the spec's own preset (forest), else demo."""
+    from bench.config import load_config
     from bench.plan import build_plan
     from bench.specs import load_spec
 
+    check_seeds(seeds)
+    ratio_list = parse_ratios(ratios)
+    check_overrides(overrides, table=True)
     spec = load_spec(table)
     preset = preset or spec.preset or "demo"
-    ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
+    check_config(load_config(preset, overrides))  # before any split is made or anything written
     cells, notes = build_plan(spec, preset, seeds, home, ratio_list, overrides)
+    if not any(not c.is_start for c in cells):
+        asked = f" with --ratios {ratios}" if ratios else ""
+        known = sorted({float(c.overrides["data.ratio"]) for c in spec.columns if "data.ratio" in c.overrides})
+        why = "; ".join(n for n in notes if n.startswith("column ")) or (f"its columns' ratios: {', '.join(f'{r:g}' for r in known)}" if known else "")
+        raise BenchError(f"table {spec.name} on preset {preset} has no cell to run{asked}" + (f" ({why})" if why else ""))
     return spec, cells, notes, preset
 
 
@@ -167,6 +189,12 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
 
     if executor_name not in ("local", "slurm"):
         raise BenchError(f"unknown executor '{executor_name}'; use --executor local or --executor slurm")
+    if devices is not None and executor_name == "local":  # a missing GPU: one refusal, not every cell failing
+        devices = ",".join(check_devices(devices))
+    if slots_per_device is not None and slots_per_device < 1:
+        raise BenchError(f"--slots-per-device {slots_per_device}: must be >= 1")
+    if retries < 0:
+        raise BenchError(f"--retries {retries}: must be >= 0")
     home = resolve_home(home)
     slurm = None
     if executor_name == "slurm":  # before planning: a missing sbatch is reported at once
@@ -205,11 +233,14 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
                           f"(sqlite alone serialises writers)[/dim]")
         outcome, paths = _run_and_report(spec, cells, notes, executor, home, preset, seeds, command, retries,
                                          fail_fast, track, out)
-    console.print(paths[0].read_text(), markup=False, highlight=False)
+    if paths:
+        console.print(paths[0].read_text(), markup=False, highlight=False)
     for n in notes:
         console.print(f"[dim]{n}[/dim]")
+    tables = (f"tables: {', '.join(str(p) for p in paths)}" if paths
+              else f"no cell is done: tables not written ({out} left as it was)")
     console.print(f"{len(outcome['done'])} done, {len(outcome['failed'])} failed, {len(outcome['skipped'])} not run; "
-                  f"tables: {', '.join(str(p) for p in paths)}")
+                  f"{tables}")
     for c in outcome["failed"]:
         err = json.loads((c.directory(home) / "failed.json").read_text())["error"]
         console.print(f"[red]failed[/red] {c.row_id} {c.column_id} seed {c.seed}: {err} ({c.directory(home)})")
@@ -229,7 +260,8 @@ def _run_and_report(spec, cells, notes, executor, home, preset, seeds, command, 
         if tracker is not None:
             tracker.end("KILLED")
         raise
-    paths = report(spec, cells, home, out, preset, command, tracker=tracker, notes=notes)
+    paths = report(spec, cells, home, out, preset, command, tracker=tracker, notes=notes) if any(
+        c.status(home) == "done" for c in cells if not c.is_start) else []
     if tracker is not None:
         tracker.end("FAILED" if outcome["failed"] else "FINISHED")
     return outcome, paths

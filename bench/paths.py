@@ -9,7 +9,10 @@ from bench.errors import BenchError
 
 
 def bench_home() -> Path:
-    return Path(os.environ.get("BENCH_HOME", ".bench")).resolve()
+    value = os.environ.get("BENCH_HOME", ".bench")
+    if not value.strip():  # an empty value would silently mean the current directory
+        raise BenchError("BENCH_HOME is set but empty; set it to the store's folder or unset it (default ./.bench)")
+    return Path(value).resolve()
 
 
 def run_dir(home: Path, key: str) -> Path:

@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from bench import tracking
+from bench.errors import BenchError
 from bench.paths import run_dir
 from bench.plan import Cell
 
@@ -172,6 +173,9 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
     from bench.report.tables import aggregate, write_all
 
     results, failed = collect(cells, home, spec.all_metrics)
+    if results.empty:  # a published table is never replaced by an empty one
+        raise BenchError(f"no cell of {spec.name} on preset {preset} is done in {home} ({len(failed)} failed); "
+                         f"the tables in {out_dir} are left as they are; run `bench run {spec.name}` first")
     header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset,
               "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if column_notes := [n for n in notes if n.startswith("column ")]:

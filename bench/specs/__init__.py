@@ -104,6 +104,10 @@ class ArtifactSpec(_Frozen):
             unknown = [c for c in (r.only_columns or []) if c not in col_ids]
             if unknown:
                 raise ValueError(f"row {r.id}: only_columns names unknown columns {unknown}")
+            if r.method not in known_methods():  # a typo would silently become "paper values only"
+                raise ValueError(f"row {r.id}: unknown method '{r.method}'; implemented: "
+                                 f"{', '.join(_implemented())}; with paper values only: "
+                                 f"{', '.join(sorted(set(known_methods()) - set(_implemented())))}")
             if "method" in r.overrides:
                 raise ValueError(f"row {r.id}: set the method with the row's `method`, not an override")
             enabled = r.overrides.get("lsm.enabled")
@@ -214,6 +218,19 @@ class ArtifactSpec(_Frozen):
             if a.row == r.id and c.id in a.columns:
                 return a.reason
         return None
+
+
+def _implemented() -> list[str]:
+    from adapters.registry import METHOD_MODULES
+
+    return list(METHOD_MODULES)
+
+
+def known_methods() -> list[str]:
+    """What a row's `method` may name: an implemented method, or one of the paper's (its values only)."""
+    from bench.paper import paper_values
+
+    return list(dict.fromkeys([*_implemented(), *sorted(set(paper_values()["method"]))]))
 
 
 def _substitute(value: Any, params: dict[str, Any]) -> Any:
