@@ -492,7 +492,8 @@ app.add_typer(study_app, name="study")
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def figure(ctx: typer.Context,
-           name: str = typer.Argument(..., help="fig1, fig4, pl-quality, figure5 or samples."),
+           name: str = typer.Argument(..., help="fig1, fig4, pl-quality, figure5, samples, or deltas TABLE "
+                                      "(the table's LSM − baseline pairs as a forest plot)."),
            preset: str = typer.Option("demo", help="Preset."),
            seeds: int = typer.Option(3, help="fig4 / pl-quality: seeds of each method."),
            ratio: Optional[float] = typer.Option(None, help="Label ratio (fig1 default 100, fig4 default 5)."),

@@ -162,25 +162,43 @@ def collect(cells: list[Cell], home: Path, metrics: list[str]):
     return pd.DataFrame(rows, columns=["row_id", "column_id", "seed", *metrics]), failed
 
 
+def planned_columns(cells: list[Cell]) -> list[str]:
+    """The column ids the plan has cells of (a preset leaves some of a spec's columns out)."""
+    return list(dict.fromkeys(c.column_id for c in cells if not c.is_start))
+
+
+def table_header(command: str, preset: str, notes: list[str] = ()) -> dict:
+    """The comment lines of a table (and of its figures' CSVs): command, commit, preset, time, and
+    the columns the plan left out."""
+    from datetime import datetime, timezone
+
+    header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset,
+              "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if column_notes := [n for n in notes if n.startswith("column ")]:
+        header["not_run"] = "; ".join(column_notes)
+    return header
+
+
 def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, command: str, err: str = "std",
            tracker: tracking.Tracker | None = None, notes: list[str] = ()) -> list[Path]:
-    """Write the artifact's tables from whatever is done; log them to the parent run if given.
+    """Write the artifact's tables from whatever is done (and the forest plot of its LSM − baseline
+    pairs, `bench.report.deltas`, where it has some); log them to the parent run if given.
 
     `notes` on columns the plan left out go into the tables' headers (a reader sees why a
     column is empty)."""
-    from datetime import datetime, timezone
-
     from bench.report.tables import aggregate, write_all
 
     results, failed = collect(cells, home, spec.all_metrics)
     if results.empty:  # a published table is never replaced by an empty one
         raise BenchError(f"no cell of {spec.name} on preset {preset} is done in {home} ({len(failed)} failed); "
                          f"the tables in {out_dir} are left as they are; run `bench run {spec.name}` first")
-    header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset,
-              "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if column_notes := [n for n in notes if n.startswith("column ")]:
-        header["not_run"] = "; ".join(column_notes)
+    header = table_header(command, preset, notes)
     paths = write_all(spec, results, failed, out_dir, err=err, header=header)
+    if spec.baseline_pairs:  # the forest plot of the paired deltas, next to the table
+        from bench.report.deltas import write_deltas_figure
+
+        figure = write_deltas_figure(spec, results, out_dir, command, header, planned_columns(cells))
+        paths += list(figure or ())
     if tracker is not None:
         agg = aggregate(results, spec, err=err)
         flat = {}

@@ -186,11 +186,12 @@ def tune(ctx: typer.Context,
 
 
 # -- bench figure ----------------------------------------------------------------------------------
-FIGURES = ("fig1", "fig4", "pl-quality", "figure5")
+FIGURES = ("fig1", "fig4", "pl-quality", "figure5", "deltas")
 
 
 def figure(ctx: typer.Context,
-           name: str = typer.Argument(..., help="fig1, fig4, pl-quality or figure5."),
+           name: str = typer.Argument(..., help="fig1, fig4, pl-quality, figure5 or deltas (then TABLE: "
+                                      "`bench figure deltas table1`)."),
            preset: str = typer.Option("demo", help="Preset."),
            seeds: int = typer.Option(3, help="fig4 / pl-quality: seeds of each method."),
            ratio: Optional[float] = typer.Option(None, help="Label ratio (fig1 default 100, fig4 default 5)."),
@@ -201,13 +202,17 @@ def figure(ctx: typer.Context,
     """Draw a paper figure from finished cells: PNG + the CSV behind it, the command in both.
 
     Extra arguments are config overrides; fig4 needs periodic evaluations (solver.eval_period=N).
+    deltas TABLE: the table's LSM − baseline pairs as a forest plot (mean delta over paired seeds,
+    95% CI, n, the paper's delta), from the cells `bench report TABLE` reads.
     """
     home = resolve_home(home)
     overrides = list(ctx.args)
     command = invocation()
     if name not in FIGURES:
         raise BenchError(f"unknown figure '{name}'; figures: {', '.join(FIGURES)}")
-    if name == "figure5":
+    if name == "deltas":
+        png, csv = _deltas(ctx, overrides, preset, seeds, ratio, home, out, command)
+    elif name == "figure5":
         from studies.definitions import FIGURE5_CURVES
         from studies.run import load_study
 
@@ -222,6 +227,41 @@ def figure(ctx: typer.Context,
     else:
         png, csv = _fig4(name, preset, overrides, seeds, ratio or 5.0, train, home, out, command)
     console.print(f"figure: {png}  data: {csv}")
+
+
+def _deltas(ctx, args, preset, seeds, ratio, home, out, command):
+    """`bench figure deltas TABLE`: the cells of `bench report TABLE` (same --preset default: the
+    spec's own, else demo; --seeds default 5 as there), their paired deltas drawn."""
+    from bench.plan import build_plan
+    from bench.report.deltas import write_deltas_figure
+    from bench.runner import collect, planned_columns, table_header
+    from bench.specs import load_spec
+
+    if not args or "=" in args[0]:
+        raise BenchError("figure deltas needs the table: `bench figure deltas table1` (or a spec .yaml file)")
+    table, overrides = args[0], args[1:]
+    spec = load_spec(table)
+    if not spec.baseline_pairs:
+        raise BenchError(f"{spec.name} pairs no LSM row with a baseline (its spec has no baseline_pairs)")
+    if _defaulted(ctx, "preset"):
+        preset = spec.preset or "demo"
+    if _defaulted(ctx, "seeds"):
+        seeds = 5
+    cells, notes = build_plan(spec, preset, seeds, home, [ratio] if ratio is not None else None, overrides)
+    results, _ = collect(cells, home, spec.all_metrics)
+    paths = write_deltas_figure(spec, results, out, command, table_header(command, preset, notes),
+                                planned_columns(cells))
+    if paths is None:
+        raise BenchError(f"no LSM − baseline pair of {spec.name} has a seed done in both rows on preset {preset} "
+                         f"(seeds 1-{seeds}); run `bench run {table} --preset {preset}` first, with the same "
+                         "--seeds and overrides")
+    return paths
+
+
+def _defaulted(ctx, name: str) -> bool:
+    """The option was not given (click's or typer's vendored ParameterSource: compared by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is None or getattr(source, "name", "") in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _study_exists(name: str, home: Path, storage: Optional[str]) -> bool:

@@ -300,9 +300,11 @@ def plot_samples(samples: list[dict], alpha: float, t: float,
 
 
 # -- output ------------------------------------------------------------------------------------------
-def save(fig: plt.Figure, data: pd.DataFrame, png: Path, command: str) -> tuple[Path, Path]:
+def save(fig: plt.Figure, data: pd.DataFrame, png: Path, command: str,
+         header: dict | None = None) -> tuple[Path, Path]:
     """`png` and `<stem>_data.csv` beside it (not `<stem>.csv`: `bench report` owns that name for
-    tables); the command that regenerates them is in both."""
+    tables); the command that regenerates them is in both, `header` (git_sha, preset, timestamp ...)
+    in the CSV's comment lines after it, as a table's header (`bench report --all` reads them)."""
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     csv = png.with_name(png.stem + "_data.csv")
@@ -314,7 +316,8 @@ def save(fig: plt.Figure, data: pd.DataFrame, png: Path, command: str) -> tuple[
     finally:
         Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
-    text = f"# command: {command}\n" + data.to_csv(index=False, lineterminator="\n")
+    lines = [f"# command: {command}"] + [f"# {k}: {' '.join(str(v).split())}" for k, v in (header or {}).items()]
+    text = "\n".join(lines) + "\n" + data.to_csv(index=False, lineterminator="\n")
     fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{csv.name}.", suffix=".csv")
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
         fh.write(text)
