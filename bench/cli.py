@@ -268,20 +268,34 @@ def _run_and_report(spec, cells, notes, executor, home, preset, seeds, command, 
 
 
 @app.command("report", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def report_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
+def report_cmd(ctx: typer.Context, table: Optional[str] = typer.Argument(None, help=TABLE_HELP + " Optional with --all."),
                seeds: int = typer.Option(5, help="Seeds (= split folds) per cell."),
                preset: Optional[str] = TABLE_PRESET_OPT, ratios: Optional[str] = RATIOS_OPT,
                err: str = typer.Option("std", help="std or sem."),
                out: Path = typer.Option(Path("results"), help="Where the tables are written."),
+               all_: bool = typer.Option(False, "--all", help="Rebuild OUT/index.html: every table and figure in OUT "
+                                         "with its command, preset, commit and date (after TABLE, if given)."),
                home: Optional[Path] = HOME_OPT):
-    """Build the table (md, csv, tex, html) from whatever cells are done; runs nothing."""
+    """Build the table (md, csv, tex, html, and the forest plot of its LSM − baseline pairs) from
+    whatever cells are done; runs nothing. --all: the results folder's index page."""
     from bench.runner import report
 
-    home = resolve_home(home)
-    spec, cells, notes, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+    if table is None and not all_:
+        raise BenchError("bench report needs a TABLE (e.g. `bench report table1`), or --all for the results index")
     command = invocation()
-    paths = report(spec, cells, home, out, preset, command, err=err, notes=notes)
-    console.print(paths[0].read_text(), markup=False, highlight=False)
+    if table is not None:
+        home = resolve_home(home)
+        spec, cells, notes, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
+        paths = report(spec, cells, home, out, preset, command, err=err, notes=notes)
+        console.print(paths[0].read_text(), markup=False, highlight=False)
+    elif ctx.args:
+        raise BenchError(f"bench report --all without a TABLE takes no config overrides (got {' '.join(ctx.args)})")
+    if all_:
+        from rich.markup import escape
+
+        from bench.report.index import write_index
+
+        console.print(f"index: {escape(str(write_index(out, command)))}")
 
 
 @app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

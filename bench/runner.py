@@ -199,6 +199,10 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
 
         figure = write_deltas_figure(spec, results, out_dir, command, header, planned_columns(cells))
         paths += list(figure or ())
+    if (Path(out_dir) / "index.html").exists():  # `bench report --all` made one: keep it current
+        from bench.report.index import write_index
+
+        write_index(out_dir, command)
     if tracker is not None:
         agg = aggregate(results, spec, err=err)
         flat = {}
