@@ -186,7 +186,7 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
 
     `notes` on columns the plan left out go into the tables' headers (a reader sees why a
     column is empty)."""
-    from bench.report.tables import aggregate, write_all
+    from bench.report.tables import write_all
 
     results, failed = collect(cells, home, spec.all_metrics)
     if results.empty:  # a published table is never replaced by an empty one
@@ -204,13 +204,62 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
 
         write_index(out_dir, command)
     if tracker is not None:
-        agg = aggregate(results, spec, err=err)
-        flat = {}
-        for r in agg.itertuples():
-            if r.n:
-                base = f"{r.row_id}.{r.column_id}.{r.metric}"
-                flat.update({f"{base}.mean": r.mean, f"{base}.{err}": r.err, f"{base}.n": r.n})
-        tracker.log_metrics({k: v for k, v in flat.items() if v == v}, step=0)
-        for p in paths:
-            tracker.log_artifact(p)
+        log_to_parent(tracker, spec, cells, home, results, err, paths, preset)
     return paths
+
+
+def child_run_name(spec, cell: Cell) -> str:
+    """`<row> <ratio>% seed <s>` after the table's row label (`UBteacher + LSM 5% seed 1`), the
+    column's label added where it is not the ratio (COCO-additional, Figure 5's thresholds)."""
+    ratio = f"{cell.config.data.ratio:g}%"
+    name = f"{spec.row(cell.row_id).label} {ratio} seed {cell.seed}"
+    label = spec.column(cell.column_id).label
+    return name if label == ratio else f"{name} ({label})"
+
+
+def log_to_parent(tracker: tracking.Tracker, spec, cells: list[Cell], home: Path, results, err: str,
+                  paths: list[Path], preset: str) -> None:
+    """The table's parent run: per-row means and paired deltas as metrics; the tables, the forest
+    plot and a chart of the means as artifacts; its finished cells' runs named `child_run_name`."""
+    import tempfile
+
+    from bench.report.means import write_row_means_chart
+    from bench.report.tables import aggregate, paired_deltas
+
+    agg = aggregate(results, spec, err=err)
+    flat = {}
+    for r in agg.itertuples():
+        if r.n:
+            base = f"{r.row_id}.{r.column_id}.{r.metric}"
+            flat.update({f"{base}.mean": r.mean, f"{base}.{err}": r.err, f"{base}.n": r.n})
+    for d in paired_deltas(results, spec).itertuples():
+        if d.n:
+            base = f"delta.{d.lsm_id}.{d.column_id}.{d.metric}"
+            flat.update({f"{base}.mean": d.mean, f"{base}.ci_low": d.ci_low, f"{base}.ci_high": d.ci_high,
+                         f"{base}.n": d.n})
+    tracker.log_metrics({k: v for k, v in flat.items() if v == v}, step=0)
+    for p in paths:
+        tracker.log_artifact(p)
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(write_row_means_chart(
+            spec, agg, Path(tmp) / f"{spec.name}_means.png", err, planned_columns(cells),
+            f"{spec.name} on preset {preset}: per-row means"))
+    _name_child_runs(tracker, spec, cells, home)
+
+
+def _name_child_runs(tracker: tracking.Tracker, spec, cells: list[Cell], home: Path) -> None:
+    if not tracker.enabled:
+        return
+    from mlflow.exceptions import MlflowException
+
+    for c in cells:
+        path = c.directory(home) / "result.json"
+        if c.is_start or not path.exists():
+            continue
+        run_id = json.loads(path.read_text()).get("mlflow_run_id")
+        if not run_id:
+            continue
+        try:
+            tracker._client.set_tag(run_id, "mlflow.runName", child_run_name(spec, c))
+        except MlflowException:  # an imported cell (`bench import`): its run is in another store
+            pass

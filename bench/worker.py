@@ -242,7 +242,7 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     tags = run_tags(cfg, key, data)
     if distributed.is_distributed():
         tags["world_size"] = str(distributed.world_size())
-    run_id = tracker.start(f"{cell_label(cfg)}-r{cfg.data.ratio:g}-s{cfg.seed}",
+    run_id = tracker.start(f"{cell_label(cfg)} {cfg.data.ratio:g}% seed {cfg.seed}",  # bench run: the row's label
                            tags, tracking.flatten(cfg.model_dump(mode="json")),
                            parent_run_id=parent_run_id, run_id=prior_run)
     if run_id:

@@ -52,8 +52,9 @@ def test_ui_shows_table_run_with_cells_and_the_study(tmp_path, tiny, browser, mo
     spec = load_spec_file(Path(__file__).parents[1] / "report" / "mini.yaml")
     # ratios named: tiny's 24 images give too few labels per class for the plan's default
     cells, _ = build_plan(spec, "demo", 1, home, ratios=[1.0, 5.0], overrides=tiny)
-    cells = [c for c in cells if c.row_id == "ubteacher"]
-    assert len(cells) == 2
+    # UBteacher at both ratios and UBteacher + LSM at 1%: one seed's pair to compare side by side
+    cells = [c for c in cells if c.row_id == "ubteacher" or (c.row_id == "ubteacher_lsm" and c.config.data.ratio == 1)]
+    assert len(cells) == 3
     tracker, parent = start_parent_run(home, spec.name, "demo", 1, "bench run mini (test)")
     for c in cells:
         run_cell(c.config, home, progress=False, parent_run_id=parent)
@@ -74,7 +75,8 @@ def test_ui_shows_table_run_with_cells_and_the_study(tmp_path, tiny, browser, mo
         page.get_by_text("mini-demo").first.wait_for(timeout=120_000)
         page.screenshot(path=str(shots / "ui-mlflow-parent-run-loading.png"), full_page=True)
         page.get_by_text("ubteacher.coco_standard_1.AP.mean").first.wait_for(timeout=120_000)
-        for child in ("ubteacher-r1-s1", "ubteacher-r5-s1"):  # listed under "Child runs"
+        names = ["UBteacher + LSM 1% seed 1", "UBteacher 1% seed 1", "UBteacher 5% seed 1"]  # `<row> <ratio>% seed <s>`
+        for child in names:  # listed under "Child runs"
             page.get_by_text(child).first.wait_for(timeout=30_000)
         page.screenshot(path=str(shots / "ui-mlflow-parent-run.png"), full_page=True)
         # each child cell names the table run as its parent
@@ -82,13 +84,21 @@ def test_ui_shows_table_run_with_cells_and_the_study(tmp_path, tiny, browser, mo
 
         client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}'")
-        assert sorted(r.info.run_name for r in children) == ["ubteacher-r1-s1", "ubteacher-r5-s1"]
+        assert sorted(r.info.run_name for r in children) == names
+        assert "mini_means.png" in {a.path for a in client.list_artifacts(parent)}  # the chart of the row means
         for i, child in enumerate(children):
             page.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs/{child.info.run_id}")
             page.get_by_text(child.info.run_name).first.wait_for(timeout=120_000)
             page.get_by_text("Parent run").first.wait_for(timeout=60_000)
             page.get_by_text("mini-demo").first.wait_for(timeout=60_000)
             page.screenshot(path=str(shots / f"ui-mlflow-child-cell-{i}.png"), full_page=True)
+        # UBteacher and UBteacher + LSM of seed 1 side by side (docs/figures.md): the UI's Compare page
+        pair = {r.info.run_name: r.info.run_id for r in children if r.info.run_name.endswith(" 1% seed 1")}
+        ids = ",".join(f'"{pair[n]}"' for n in ("UBteacher 1% seed 1", "UBteacher + LSM 1% seed 1"))
+        page.goto(f'{mlflow_url}/#/compare-runs?runs=[{ids}]&experiments=["{exp_id}"]')
+        page.get_by_text("UBteacher + LSM 1% seed 1").first.wait_for(timeout=120_000)
+        page.get_by_text("lsm.enabled").first.wait_for(timeout=60_000)  # the parameter that tells them apart
+        page.screenshot(path=str(shots / "ui-mlflow-compare-ubt-lsm.png"), full_page=True)
         # optuna-dashboard: the study list, then the study's page
         page.goto(f"{dash_url}/dashboard")
         page.get_by_text(study_def.name).first.click(timeout=120_000)
@@ -99,4 +109,4 @@ def test_ui_shows_table_run_with_cells_and_the_study(tmp_path, tiny, browser, mo
         ui.stop(services)
     assert all(s.process.poll() is not None for s in services)
     assert {p.name for p in shots.glob("ui-*.png")} >= {"ui-mlflow-parent-run.png", "ui-mlflow-child-cell-0.png",
-                                                        "ui-optuna-dashboard-study.png"}
+                                                        "ui-mlflow-compare-ubt-lsm.png", "ui-optuna-dashboard-study.png"}
