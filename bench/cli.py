@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bench.cli_common import (
@@ -150,7 +151,7 @@ def plan(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
         t.add_row(c.row_id, c.column_id, str(c.seed), status, iters, "" if est is None else f"{est / 60:.1f}", c.key[:12])
     console.print(t)
     for n in notes:
-        console.print(f"[dim]{n}[/dim]")
+        console.print(f"[dim]{escape(n)}[/dim]")
     estimate = f"; about {seconds / 60:.0f} min of one worker slot" if seconds else ""
     if from_reference:
         estimate += f" ({from_reference} cells from preset {preset}'s reference timings)"
@@ -225,7 +226,7 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
     serve = (track and slurm is None and not os.environ.get("MLFLOW_TRACKING_URI")
              and executor.slots > tracking.SQLITE_MAX_WORKERS)
     if track and slurm is not None and not os.environ.get("MLFLOW_TRACKING_URI") and not nothing_to_run:
-        console.print(f"[dim]Slurm workers log straight to {tracking.tracking_uri(home)}; with many cells at once "
+        console.print(f"[dim]Slurm workers log straight to {escape(tracking.tracking_uri(home))}; with many cells at once "
                       "run `bench serve mlflow` and export MLFLOW_TRACKING_URI (docs/cluster.md)[/dim]")
     with tracking.LocalServer(home) if serve else contextlib.nullcontext() as server:
         if server is not None:
@@ -236,14 +237,15 @@ def run(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_HELP),
     if paths:
         console.print(paths[0].read_text(), markup=False, highlight=False)
     for n in notes:
-        console.print(f"[dim]{n}[/dim]")
+        console.print(f"[dim]{escape(n)}[/dim]")
     tables = (f"tables: {', '.join(str(p) for p in paths)}" if paths
               else f"no cell is done: tables not written ({out} left as it was)")
     console.print(f"{len(outcome['done'])} done, {len(outcome['failed'])} failed, {len(outcome['skipped'])} not run; "
-                  f"{tables}")
+                  f"{tables}", markup=False, highlight=False)
     for c in outcome["failed"]:
         err = json.loads((c.directory(home) / "failed.json").read_text())["error"]
-        console.print(f"[red]failed[/red] {c.row_id} {c.column_id} seed {c.seed}: {err} ({c.directory(home)})")
+        console.print(f"[red]failed[/red] {c.row_id} {c.column_id} seed {c.seed}: {escape(err)} "
+                      f"({escape(str(c.directory(home)))})")
     if outcome["failed"] or outcome["skipped"]:
         raise typer.Exit(1)
 
@@ -315,7 +317,7 @@ def export_cmd(ctx: typer.Context, table: str = typer.Argument(..., help=TABLE_H
     spec, cells, _, preset = _plan(table, preset, seeds, ratios, list(ctx.args), home)
     n = export_cells([c.directory(home) for c in cells], home, out,
                      {"command": invocation(), "git_sha": tracking.git_sha(), "table": spec.name, "preset": preset})
-    console.print(f"{n} of {len(cells)} cells of {spec.name} written to {out}")
+    console.print(f"{n} of {len(cells)} cells of {spec.name} written to {out}", markup=False, highlight=False)
 
 
 @app.command("import")
@@ -326,7 +328,7 @@ def import_cmd(archive: Path = typer.Argument(..., help="An archive written by `
 
     home = resolve_home(home)
     added, kept = import_cells(archive, home)
-    console.print(f"{added} cells added to {home / 'runs'}; {kept} already there, kept")
+    console.print(f"{added} cells added to {home / 'runs'}; {kept} already there, kept", markup=False, highlight=False)
 
 
 @app.command()
@@ -373,7 +375,7 @@ def clean(failed: bool = typer.Option(False, "--failed", help="Remove failed cel
         if all_ or (d / "failed.json").exists():
             shutil.rmtree(d)
             removed += 1
-    console.print(f"removed {removed} run directories under {home / 'runs'}")
+    console.print(f"removed {removed} run directories under {home / 'runs'}", markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -404,7 +406,7 @@ def eval_cmd(
     for name, model in adapter.eval_models().items():
         model.load_state_dict(state[name])
     for name, stats in evaluate_models(adapter, data, cfg, device).items():
-        console.print(f"[bold]{name}[/bold]\n{stats.get('summary', stats)}")
+        console.print(f"[bold]{escape(name)}[/bold]\n{escape(str(stats.get('summary', stats)))}")
 
 
 @data_app.command("synth")
@@ -419,7 +421,7 @@ def data_synth(
     from bench.data import synth
 
     path = synth.generate(out, images, seed, image_size=image_size, split_name=split)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 @data_app.command("split")
@@ -453,7 +455,7 @@ def data_split(
         manifest.save(out)
     console.print(f"{manifest.dataset} {manifest.setting} {manifest.ratio:g}% fold {manifest.fold}: "
                   f"{len(manifest.labeled_ids)} labeled, {len(manifest.unlabeled_ids)} unlabeled, "
-                  f"sha256 {manifest.sha256[:16]}" + (f" -> {out}" if out else ""))
+                  f"sha256 {manifest.sha256[:16]}" + (f" -> {out}" if out else ""), markup=False, highlight=False)
 
 
 @data_app.command("fetch")
@@ -489,7 +491,7 @@ def data_check(path: Path = typer.Argument(..., help="A COCO JSON file or a VOC 
     from bench.data.check import check_dataset, format_summary
 
     summary = check_dataset(path, image_dir=image_dir, area_scale=area_scale)
-    console.print(format_summary(summary))
+    console.print(format_summary(summary), markup=False, highlight=False)
 
 
 @config_app.command("show")
@@ -542,7 +544,7 @@ def figure(ctx: typer.Context,
 
     png, csv = samples_figure(resolve_home(home), preset, run, images,
                               0.1 if score_thresh is None else score_thresh, out, invocation())
-    console.print(f"figure: {png}  data: {csv}")
+    console.print(f"figure: {png}  data: {csv}", markup=False, highlight=False)
 
 
 app.command("ui")(ui_cmd)
@@ -581,7 +583,7 @@ def serve(service: str = typer.Argument(..., help="mlflow or optuna."),
     home = resolve_home(home)
     port = port or (5000 if service == "mlflow" else 8080)
     if host not in LOOPBACK:
-        err_console.print(f"[yellow]warning: listening on {host}: anyone who reaches this machine's port {port} can "
+        err_console.print(f"[yellow]warning: listening on {escape(host)}: anyone who reaches this machine's port {port} can "
                           "read and write this project's runs; keep it behind the cluster's access control[/yellow]")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -615,7 +617,7 @@ def _serve_mlflow(home: Path, backend_store: Optional[str], host: str, public: s
                       service.process), time.time() + 90, log_dir)
         store = backend_store or f"sqlite:///{home / 'mlflow.db'}"
         console.print(f"MLflow: {url}  (runs: {_hide_password(store)}; artifacts: {home / 'mlartifacts'}; "
-                      f"log: {log_dir / 'mlflow.log'})")
+                      f"log: {log_dir / 'mlflow.log'})", markup=False, highlight=False)
         console.print("workers and `bench run` log through it after:")
         console.print(f"export MLFLOW_TRACKING_URI={url}", markup=False, highlight=False, soft_wrap=True)
         console.print("Ctrl-C stops it")
@@ -636,7 +638,7 @@ def _serve_optuna(home: Path, backend_store: Optional[str], host: str, public: s
     url = backend_store or default_url(home)
     storage = open_storage(home, url)  # a BenchError naming the fix if the database is not reachable
     shown = _hide_password(url)
-    console.print(f"Optuna storage: {shown} ({len(storage.get_all_studies())} studies)")
+    console.print(f"Optuna storage: {shown} ({len(storage.get_all_studies())} studies)", markup=False, highlight=False)
     if not is_rdb(url):
         console.print("[dim]a journal file: every worker must see it on the shared filesystem; for workers on "
                       "several nodes a PostgreSQL URL (--backend-store postgresql+psycopg://...) adds "
@@ -649,7 +651,7 @@ def _serve_optuna(home: Path, backend_store: Optional[str], host: str, public: s
         raise BenchError("optuna-dashboard is not installed; pip install 'lsm-bench[dashboard]' or pass --no-dashboard")
     from optuna_dashboard import run_server
 
-    console.print(f"optuna-dashboard: http://{public}:{port}  (Ctrl-C stops it)")
+    console.print(f"optuna-dashboard: http://{public}:{port}  (Ctrl-C stops it)", markup=False, highlight=False)
     try:
         run_server(storage, host=host, port=port)
     except KeyboardInterrupt:

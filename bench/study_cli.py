@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bench.cli_common import HOME_OPT, invocation, resolve_home
@@ -20,6 +21,13 @@ from bench.errors import BenchError
 study_app = typer.Typer(help="Optuna studies: Figure 5 thresholds, Table 5 PIM levels, joint tuning.",
                         no_args_is_help=True)
 console = Console()
+
+
+def say(text: str) -> None:
+    """Print text that holds values (paths, overrides such as pim_levels=[p3,p4], URLs) as it is:
+    rich would read `[p3,p4]` or `[dashboard]` as a style tag and drop it."""
+    console.print(text, markup=False, highlight=False)
+
 
 STORAGE_OPT = typer.Option(None, "--storage", help="Optuna storage: a journal file (default "
                            "BENCH_HOME/optuna/journal.log) or an RDB URL (postgresql+psycopg://...).")
@@ -70,15 +78,15 @@ def figure5(ctx: typer.Context,
     ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
     defs, grid_notes = figure5_defs(preset, list(ctx.args), seeds, _floats(grid, "--grid"), name, ratio)
     for n in notes + grid_notes:
-        console.print(f"[dim]{n}[/dim]")
+        console.print(f"[dim]{escape(n)}[/dim]")
     command = invocation()
     done = []
     for d in defs:
-        study = run_study(d, home, storage, workers, track, command, log=console.print)
-        console.print(_summary(study, d))
+        study = run_study(d, home, storage, workers, track, command, log=say)
+        say(_summary(study, d))
         done.append((study, d))
     png, csv = write_figure5(done, preset, out, command)
-    console.print(f"figure: {png}  data: {csv}")
+    say(f"figure: {png}  data: {csv}")
 
 
 def write_figure5(studies, preset: str, out: Path, command: str) -> tuple[Path, Path]:
@@ -122,11 +130,11 @@ def table5(ctx: typer.Context,
     home = resolve_home(home)
     ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
     for n in notes:
-        console.print(f"[dim]{n}[/dim]")
+        console.print(f"[dim]{escape(n)}[/dim]")
     d = table5_def(preset, list(ctx.args), seeds, rows.split(",") if rows else None, name, ratio)
     command = invocation()
-    study = run_study(d, home, storage, workers, track, command, log=console.print)
-    console.print(_summary(study, d))
+    study = run_study(d, home, storage, workers, track, command, log=say)
+    say(_summary(study, d))
     paths = write_table5(study, d, preset, out, command)
     console.print(paths[0].read_text(), markup=False, highlight=False)
 
@@ -170,8 +178,8 @@ def tune(ctx: typer.Context,
 
     home = resolve_home(home)
     d = tune_def(preset, list(ctx.args), method, lsm, trials, seed, sampler_seed, name)
-    study = run_study(d, home, storage, workers, track, invocation(), log=console.print)
-    console.print(_summary(study, d))
+    study = run_study(d, home, storage, workers, track, invocation(), log=say)
+    say(_summary(study, d))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{d.name}_trials.csv"
@@ -180,9 +188,9 @@ def tune(ctx: typer.Context,
 
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         best = study.best_trial
-        console.print(f"best trial {best.number}: AP {best.value:.2f} with "
+        say(f"best trial {best.number}: AP {best.value:.2f} with "
                       + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
-    console.print(f"trials: {path}")
+    say(f"trials: {path}")
 
 
 # -- bench figure ----------------------------------------------------------------------------------
@@ -226,7 +234,7 @@ def figure(ctx: typer.Context,
         png, csv = _fig1(preset, overrides, ratio or 100.0, score_thresh, train, home, out, command)
     else:
         png, csv = _fig4(name, preset, overrides, seeds, ratio or 5.0, train, home, out, command)
-    console.print(f"figure: {png}  data: {csv}")
+    say(f"figure: {png}  data: {csv}")
 
 
 def _deltas(ctx, args, preset, seeds, ratio, home, out, command):
@@ -358,7 +366,7 @@ def ui(port: int = typer.Option(5000, "--port", help="MLflow UI port on 127.0.0.
         dashboard = False
     services = ui_mod.start(home, storage, port, dashboard_port, dashboard)
     for s in services:
-        console.print(f"{s.name}: {s.url}")
+        say(f"{s.name}: {s.url}")
     console.print("Ctrl-C stops the servers")
     try:
         while all(s.process is None or s.process.poll() is None for s in services):
