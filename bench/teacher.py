@@ -24,8 +24,9 @@ def teacher_config(cfg: RunConfig) -> RunConfig | None:
     if cfg.method == "ddetr" and cfg.ddetr.strategy == "supervised":
         return None  # Table 3's Omega row learns no pseudo-labels
     preset = load_config(cfg.preset, [], method="supervised")
-    # a method with its own solver (ddetr's AdamW) shares the teacher of STAC: the preset's solver
-    solver = preset.solver if cfg.method in registry.OWN_SOLVER else cfg.solver
+    # a method with its own solver (ddetr's AdamW) shares the teacher of STAC: STAC's solver on the
+    # preset (its method_defaults); its model section is STAC's there too (the presets say so)
+    solver = load_config(cfg.preset, [], method="stac").solver if cfg.method in registry.OWN_SOLVER else cfg.solver
     return RunConfig.model_validate({**cfg.model_dump(), "method": "supervised", "solver": solver.model_dump(),
                                      "lsm": preset.lsm.model_dump(), "mlc": preset.mlc.model_dump()})
 

@@ -37,13 +37,27 @@ def _spec(tmp_path, rows=None):
 
 
 def test_stac_teacher_is_the_supervised_cell_of_the_table(tmp_path, tiny):
-    cells, _ = build_plan(_spec(tmp_path), "demo", 1, tmp_path / "home", ratios=[25.0], overrides=tiny)
+    """With the same detector settings (here every row's RoI loss set to STAC's cross-entropy) the
+    Supervised row's cell is STAC's teacher."""
+    cells, _ = build_plan(_spec(tmp_path), "demo", 1, tmp_path / "home", ratios=[25.0],
+                          overrides=tiny + ["model.cls_loss=ce"])
     by_row = {c.row_id: c for c in cells}
     assert set(by_row) == {"supervised", "stac", "stac_pim"}  # no second copy of the teacher
     assert by_row["stac"].depends_on == by_row["stac_pim"].depends_on == by_row["supervised"].key
     assert by_row["stac"].work == by_row["stac"].iterations  # STAC trains all its iterations itself
     # LSM on the student leaves the teacher alone
     assert teacher_config(by_row["stac_pim"].config) == by_row["supervised"].config
+
+
+def test_stacs_teacher_trains_with_stacs_own_rpn_and_roi_settings(tmp_path, tiny):
+    """STAC's original trains its teacher with its own detector (softmax CE): on the demo the
+    Supervised row keeps the preset's focal loss, so the teacher is a cell of its own."""
+    cells, _ = build_plan(_spec(tmp_path), "demo", 1, tmp_path / "home", ratios=[25.0], overrides=tiny)
+    by_row = {c.row_id: c for c in cells}
+    assert set(by_row) == {"teacher", "supervised", "stac", "stac_pim"}
+    assert by_row["supervised"].config.model.cls_loss == "focal"
+    assert by_row["teacher"].config.model.cls_loss == by_row["stac"].config.model.cls_loss == "ce"
+    assert by_row["stac"].depends_on == by_row["stac_pim"].depends_on == by_row["teacher"].key
 
 
 def test_a_table_without_a_supervised_row_plans_the_teacher_cell(tmp_path, tiny):
