@@ -110,6 +110,11 @@ def _plan(table: str, preset: Optional[str], seeds: int, ratios: Optional[str], 
     preset = preset or spec.preset or "demo"
     check_config(load_config(preset, overrides))  # before any split is made or anything written
     cells, notes = build_plan(spec, preset, seeds, home, ratio_list, overrides)
+    for c in cells:  # named by path; they count as not done (`bench run` trains them again)
+        if c.status(home) == "corrupt":
+            err_console.print(f"warning: {c.directory(home) / 'result.json'} is unreadable; the cell counts as not "
+                              "done (`bench run` trains it again, `bench clean --corrupt` removes it)",
+                              markup=False, highlight=False, soft_wrap=True)
     if not any(not c.is_start for c in cells):
         asked = f" with --ratios {ratios}" if ratios else ""
         known = sorted({float(c.overrides["data.ratio"]) for c in spec.columns if "data.ratio" in c.overrides})
@@ -333,9 +338,11 @@ def import_cmd(archive: Path = typer.Argument(..., help="An archive written by `
 
 @app.command()
 def status(home: Optional[Path] = HOME_OPT):
-    """Every run directory under BENCH_HOME: method, setting, status (done / failed / partial / running)."""
+    """Every run directory under BENCH_HOME: method, setting, status (done / corrupt / failed / partial /
+    running); unreadable result.json and config.yaml files are named."""
     import yaml
 
+    from bench.paths import CorruptFile, read_result
     from bench.plan import run_status
 
     home = resolve_home(home)
@@ -343,36 +350,65 @@ def status(home: Optional[Path] = HOME_OPT):
     for col in ("key", "method", "lsm", "preset", "ratio", "seed", "status", "AP (reported)"):
         t.add_column(col)
     counts: dict[str, int] = {}
+    corrupt: list[str] = []
     for d in sorted((home / "runs").glob("*/*")):
         if not (d / "config.yaml").exists():
             continue
-        cfg = yaml.safe_load((d / "config.yaml").read_text())
         ap, state = "", run_status(d)
+        try:
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            method = cfg["method"] + (":burn-in" if cfg.get("stage") == "burn_in" else "")
+            row = [method, str(cfg["lsm"]["enabled"]).lower(), cfg["preset"], f"{cfg['data']['ratio']:g}",
+                   str(cfg["seed"])]
+        except Exception as err:  # a truncated or hand-edited config.yaml: named, the other runs still listed
+            state, row = "corrupt", ["?"] * 5
+            corrupt.append(f"{d / 'config.yaml'} is unreadable ({type(err).__name__}); `bench clean --corrupt` "
+                           "removes the run directory")
         if state == "done":
-            r = json.loads((d / "result.json").read_text())
+            r = read_result(d / "result.json")
             if "metrics" in r:  # a burn-in cell has a checkpoint, no metrics
                 ap = f"{r['metrics'][r['primary_model']].get('AP', float('nan')):.2f}"
+        elif (d / "result.json").exists() and run_status(d) == "corrupt":
+            try:
+                read_result(d / "result.json")
+            except CorruptFile as err:
+                corrupt.append(str(err))
         counts[state] = counts.get(state, 0) + 1
-        method = cfg["method"] + (":burn-in" if cfg.get("stage") == "burn_in" else "")
-        t.add_row(d.name[:12], method, str(cfg["lsm"]["enabled"]).lower(), cfg["preset"],
-                  f"{cfg['data']['ratio']:g}", str(cfg["seed"]), state, ap)
+        t.add_row(d.name[:12], *row, state, ap)
     console.print(t)
     console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs yet")
+    for line in corrupt:
+        console.print(f"[red]corrupt[/red] {line}", markup=True, highlight=False, soft_wrap=True)
 
 
 @app.command()
 def clean(failed: bool = typer.Option(False, "--failed", help="Remove failed cells (they rerun)."),
+          corrupt: bool = typer.Option(False, "--corrupt", help="Remove cells whose result.json or config.yaml "
+                                       "cannot be read (`bench status` lists them; they rerun)."),
           all_: bool = typer.Option(False, "--all", help="Remove every run directory (results too)."),
           home: Optional[Path] = HOME_OPT):
-    """Remove failed run directories, or all of them."""
+    """Remove failed or corrupt run directories, or all of them."""
     import shutil
 
+    from bench.plan import run_status
+
+    def unreadable(d: Path) -> bool:
+        if run_status(d) == "corrupt":
+            return True
+        try:
+            import yaml
+
+            return (d / "config.yaml").exists() and not isinstance(yaml.safe_load((d / "config.yaml").read_text()),
+                                                                   dict)
+        except Exception:
+            return True
+
     home = resolve_home(home)
-    if not (failed or all_):
-        raise BenchError("say what to remove: --failed or --all")
+    if not (failed or corrupt or all_):
+        raise BenchError("say what to remove: --failed, --corrupt or --all")
     removed = 0
     for d in sorted((home / "runs").glob("*/*")):
-        if all_ or (d / "failed.json").exists():
+        if all_ or (failed and (d / "failed.json").exists()) or (corrupt and unreadable(d)):
             shutil.rmtree(d)
             removed += 1
     console.print(f"removed {removed} run directories under {home / 'runs'}", markup=False, highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,3 +33,41 @@ def find_run_dir(run: str, home: Path) -> Path:
     if not weights.exists():
         raise BenchError(f"{weights} does not exist; the run has not finished (rerun `bench train` to resume it)")
     return rdir
+
+
+class CorruptFile(BenchError):
+    """A store file that exists but cannot be read (truncated, not JSON, missing keys)."""
+
+
+def _result_problem(r) -> str | None:
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    if r.get("stage") == "burn_in" or "burn_in_teacher" in r:  # a burn-in has its teacher's numbers, no metrics
+        return None
+    metrics, primary = r.get("metrics"), r.get("primary_model")
+    if not isinstance(metrics, dict) or not isinstance(primary, str) or not isinstance(metrics.get(primary), dict):
+        return "no metrics of its primary model"
+    return None
+
+
+def read_result(path: Path) -> dict:
+    """A cell's result.json; `CorruptFile` naming the file and the fix if it cannot be used."""
+    path = Path(path)
+    try:
+        r = json.loads(path.read_text())
+        problem = _result_problem(r)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        raise CorruptFile(f"{path} is unreadable ({problem}); the cell counts as not done and reruns "
+                          "(`bench clean --corrupt` removes it)")
+    return r
+
+
+def result_ok(path: Path) -> bool:
+    """A readable result.json: the cell is done."""
+    try:
+        read_result(path)
+        return True
+    except CorruptFile:
+        return False

@@ -16,7 +16,7 @@ from adapters import registry
 from bench.burn_in import burn_in_config
 from bench.config import RunConfig, load_config, preset_planning, preset_table_ratios
 from bench.data.sources import prepare_data
-from bench.paths import run_dir
+from bench.paths import read_result, result_ok, run_dir
 from bench.keys import cell_key
 from bench.teacher import teacher_config
 
@@ -70,10 +70,10 @@ class Cell:
 
 
 def run_status(d: Path) -> str:
-    """done | failed | running (a worker holds the cell's lock) | partial (a checkpoint to resume
-    from) | pending."""
+    """done | corrupt (a result.json that cannot be read: not done) | failed | running (a worker
+    holds the cell's lock) | partial (a checkpoint to resume from) | pending."""
     if (d / "result.json").exists():
-        return "done"
+        return "done" if result_ok(d / "result.json") else "corrupt"
     if (d / "failed.json").exists():
         return "failed"
     if (d / "lock").exists():
@@ -90,15 +90,16 @@ def run_status(d: Path) -> str:
 
 def seconds_per_iteration(home: Path) -> dict[tuple, float]:
     """Measured training speed of the finished cells in `home`, by (preset, method, lsm, stage)."""
-    import json
-
     speeds: dict[tuple, list[float]] = {}
     for path in Path(home).glob("runs/*/*/result.json"):
-        r = json.loads(path.read_text())
-        first = r["iterations"] - (0 if not r.get("burn_in_from") else _burn_in_of(path.parent))
-        if r.get("train_seconds_this_session") and first > 0:
-            kind = (r["preset"], r["method"], r["lsm"], r.get("stage", "full"))
-            speeds.setdefault(kind, []).append(r["train_seconds_this_session"] / first)
+        try:
+            r = read_result(path)
+            first = r["iterations"] - (0 if not r.get("burn_in_from") else _burn_in_of(path.parent))
+            if r.get("train_seconds_this_session") and first > 0:
+                kind = (r["preset"], r["method"], r["lsm"], r.get("stage", "full"))
+                speeds.setdefault(kind, []).append(r["train_seconds_this_session"] / first)
+        except Exception:  # an unreadable result.json or config.yaml: `bench status` names it; no timing
+            continue
     return {k: sorted(v)[len(v) // 2] for k, v in speeds.items()}
 
 

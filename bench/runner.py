@@ -17,8 +17,8 @@ from rich.table import Table
 
 from bench import tracking
 from bench.errors import BenchError
-from bench.paths import run_dir
-from bench.plan import Cell
+from bench.paths import read_result, run_dir
+from bench.plan import Cell, run_status
 
 
 def _iterations_done(cell: Cell, home: Path) -> int:
@@ -78,6 +78,10 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
     todo = sorted((c for c in cells if c.status(home) != "done"), key=lambda c: _priority(c, starts))
     for c in todo:  # a rerun retries failed cells
         (c.directory(home) / "failed.json").unlink(missing_ok=True)
+        if c.status(home) == "corrupt":  # kept aside for a look; the cell reruns
+            result = c.directory(home) / "result.json"
+            console.print(f"[yellow]{result} is unreadable: moved to result.json.corrupt, the cell reruns[/yellow]")
+            result.replace(result.with_name("result.json.corrupt"))
     queue = [(c, 1) for c in todo]
     done, failed = [c for c in cells if c.status(home) == "done"], []
     failed_keys: set[str] = set()
@@ -87,7 +91,7 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
     iters_at_start = sum(c.work for c in done)
 
     def ready(cell: Cell) -> bool:
-        return cell.depends_on is None or (run_dir(home, cell.depends_on) / "result.json").exists()
+        return cell.depends_on is None or run_status(run_dir(home, cell.depends_on)) == "done"
 
     try:
         with Live(console=console, refresh_per_second=1, transient=False) as live:
@@ -153,7 +157,7 @@ def collect(cells: list[Cell], home: Path, metrics: list[str]):
             continue
         status = c.status(home)
         if status == "done":
-            result = json.loads((c.directory(home) / "result.json").read_text())
+            result = read_result(c.directory(home) / "result.json")
             stats = result["metrics"][result["primary_model"]]
             rows.append({"row_id": c.row_id, "column_id": c.column_id, "seed": c.seed,
                          **{m: stats.get(m, float("nan")) for m in metrics}})

@@ -38,7 +38,7 @@ from bench.data.transforms import AugConfig
 from bench.evaluate import evaluate_coco, evaluate_voc, teacher_diagnostics
 from bench.errors import BenchError
 from bench.keys import cell_key
-from bench.paths import run_dir
+from bench.paths import result_ok, run_dir
 from bench.teacher import attach_pseudo_labels, teacher_config
 
 
@@ -169,7 +169,7 @@ def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_ru
     key = cell_key(cfg, data)
     rdir = run_dir(home, key)
     result_path = rdir / "result.json"
-    if distributed.broadcast_object(result_path.exists()):
+    if distributed.broadcast_object(result_ok(result_path)):  # an unreadable one is not done: trained again
         return json.loads(result_path.read_text())
     rdir.mkdir(parents=True, exist_ok=True)
     # One process per cell: a second one (e.g. a rerun while an orphaned worker of a killed
@@ -179,7 +179,7 @@ def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_ru
     if lock is not None:
         fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        if distributed.broadcast_object(result_path.exists()):
+        if distributed.broadcast_object(result_ok(result_path)):
             return json.loads(result_path.read_text())
         return _train_cell(cfg, home, data, key, rdir, track, progress, parent_run_id, extra_hooks)
     finally:
@@ -218,7 +218,7 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     elif (bcfg := burn_in_config(cfg)) is not None:  # or start from its shared burn-in, if trained
         bdir = run_dir(home, cell_key(bcfg, data))
         # an imported burn-in (bench/archive.py) has its result but no weights: train alone then
-        if distributed.broadcast_object((bdir / "result.json").exists() and (bdir / burn_in.CHECKPOINT).exists()):
+        if distributed.broadcast_object(result_ok(bdir / "result.json") and (bdir / burn_in.CHECKPOINT).exists()):
             trainer.start_iter = burn_in.load(bdir / burn_in.CHECKPOINT, trainer)
             burn_in_from = bdir.name
     if distributed.is_distributed():

@@ -37,7 +37,9 @@ def fake_done(cell, home, ap=30.0):
     """A finished cell's result.json without training it (the report only reads this file)."""
     d = cell.directory(home)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text("method: ubteacher\n")
+    from bench.config import dump_config
+
+    (d / "config.yaml").write_text(dump_config(cell.config))
     result = {"key": cell.key, "method": cell.config.method, "lsm": cell.config.lsm.enabled, "preset": "demo",
               "ratio": cell.config.data.ratio, "seed": cell.seed, "iterations": cell.iterations,
               "primary_model": "teacher", "metrics": {"teacher": {"AP": ap}}}
@@ -159,3 +161,47 @@ def test_a_typo_in_a_spec_rows_method_is_refused(tmp_path, monkeypatch, capsys):
     assert code == 2 and one_line(err), err
     assert f"spec file {spec}" in err and "row ubteacher_lsm: unknown method 'ubteachr'" in err
     assert "csd" in err  # the paper's methods stay allowed (their rows show the paper's values only)
+
+
+# -- item 4: a corrupt or truncated result.json blocks nothing ---------------------------------------
+def test_a_corrupt_result_is_named_counted_as_not_done_and_cleaned(tmp_path, monkeypatch, capsys):
+    cells = [c for c in mini_cells(tmp_path) if not c.is_start]
+    good, bad, keyless = cells[0], cells[1], cells[2]
+    for c in (good, bad, keyless):
+        fake_done(c, tmp_path)
+    broken = bad.directory(tmp_path) / "result.json"
+    broken.write_text(broken.read_text()[:25])  # a write cut short
+    (keyless.directory(tmp_path) / "result.json").write_text('{"key": "x"}')  # valid JSON, no metrics
+    code, out, err = cli(monkeypatch, capsys, "status", home=tmp_path)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "1 done" in text and "2 corrupt" in text and str(broken) in text
+    assert "JSONDecodeError" in text and "no metrics of its primary model" in text
+
+    code, out, err = cli(monkeypatch, capsys, "plan", *TABLE, home=tmp_path)
+    assert code == 0, err
+    assert str(broken) in " ".join(err.split()) and "counts as not done" in err
+    assert sum(" corrupt " in line for line in out.splitlines()) == 2
+
+    code, out, err = cli(monkeypatch, capsys, "report", *TABLE, "--out", tmp_path / "results", home=tmp_path)
+    assert code == 0, err
+    assert "n=1" in (tmp_path / "results" / "mini.md").read_text()  # the readable cell only
+
+    code, out, err = cli(monkeypatch, capsys, "clean", "--corrupt", home=tmp_path)
+    assert code == 0 and "removed 2 run directories" in out, err
+    assert not bad.directory(tmp_path).exists() and (good.directory(tmp_path) / "result.json").exists()
+
+
+def test_a_cell_with_a_corrupt_result_trains_again_to_the_same_result(tmp_path, tiny):
+    """The worker reads an unreadable result.json as not done (it used to return json.loads of it)."""
+    from bench.config import load_config
+    from bench.worker import run_cell
+
+    cfg = load_config("demo", tiny, method="supervised")
+    first = run_cell(cfg, tmp_path, track=False, progress=False)
+    path = next(tmp_path.glob("runs/*/*/result.json"))
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])
+    again = run_cell(cfg, tmp_path, track=False, progress=False)
+    same = json.dumps(first["metrics"], sort_keys=True)  # NaN (a class without boxes) == NaN as text
+    assert json.dumps(again["metrics"], sort_keys=True) == same
+    assert json.dumps(json.loads(path.read_text())["metrics"], sort_keys=True) == same
