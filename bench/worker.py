@@ -24,7 +24,7 @@ import torch
 
 from adapters.base import get_adapter
 from adapters.engine import distributed
-from adapters.engine.checkpoint import Checkpointer, rank_rng_state, set_rng_state
+from adapters.engine.checkpoint import Checkpointer, fsync_directory, rank_rng_state, set_rng_state
 from adapters.engine.hooks import EvalHook, MetricsWriter, PeriodicCheckpointer, ProgressHook
 from adapters.engine.inference import run_inference
 from adapters.engine.solver import build_optimizer, build_scheduler
@@ -58,8 +58,12 @@ def seed_everything(seed: int) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # two ranks may fail at once
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    with open(tmp, "w") as f:  # on disk before the rename (a power cut must not leave an empty result.json)
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=float))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def aug_config(cfg: RunConfig, strong: bool) -> AugConfig:

@@ -205,3 +205,54 @@ def test_a_cell_with_a_corrupt_result_trains_again_to_the_same_result(tmp_path, 
     same = json.dumps(first["metrics"], sort_keys=True)  # NaN (a class without boxes) == NaN as text
     assert json.dumps(again["metrics"], sort_keys=True) == same
     assert json.dumps(json.loads(path.read_text())["metrics"], sort_keys=True) == same
+
+
+# -- item 5: a truncated last checkpoint: resume from the newest readable one ------------------------
+@pytest.mark.parametrize("damage", ["truncate", "scramble"])
+def test_a_truncated_last_checkpoint_resumes_from_the_one_before(tmp_path, tiny, capfd, damage):
+    """Killed while the last checkpoint was written (cut to half its size) or with its bytes
+    damaged: the cell resumes from the previous checkpoint and ends as an uninterrupted run."""
+    import torch
+
+    from adapters.engine.trainer import StopTraining
+    from bench.config import load_config
+    from bench.worker import run_cell
+    from tests.test_worker import StopAfter, _assert_same_states, _final_state
+
+    cfg = load_config("demo", tiny + ["solver.checkpoint_period=2"], method="supervised")
+    full = run_cell(cfg, tmp_path / "a", track=False, progress=False)
+    with pytest.raises(StopTraining):
+        run_cell(cfg, tmp_path / "b", track=False, progress=False, extra_hooks=[StopAfter(5)])
+    ckpts = sorted((tmp_path / "b").glob("runs/*/*/checkpoints/iter_*.pth"))
+    assert [p.name for p in ckpts] == ["iter_0000001.pth", "iter_0000003.pth"]
+    data = ckpts[-1].read_bytes()
+    if damage == "truncate":
+        ckpts[-1].write_bytes(data[: len(data) // 2])
+    else:  # the zip directory intact, a stored tensor's bytes not: torch.load fails on its checksum
+        ckpts[-1].write_bytes(data[:2000] + bytes(len(data) - 4000) + data[-2000:])
+    with pytest.raises(Exception):
+        torch.load(ckpts[-1], weights_only=False)
+    capfd.readouterr()
+    resumed = run_cell(cfg, tmp_path / "b", track=False, progress=False)
+    assert f"checkpoint {ckpts[-1]}" in capfd.readouterr().err  # named by path
+    _assert_same_states(_final_state(tmp_path / "a", full), _final_state(tmp_path / "b", resumed))
+    assert json.dumps(resumed["metrics"], sort_keys=True) == json.dumps(full["metrics"], sort_keys=True)
+
+
+def test_checkpoints_and_results_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from adapters.engine.checkpoint import Checkpointer
+    from bench.worker import atomic_write_json
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
+    Checkpointer(tmp_path / "ck").save(0, {"w": torch.zeros(2)})
+    atomic_write_json(tmp_path / "result.json", {"a": 1})
+    assert events[:2] == ["fsync", "replace iter_0000000.pth"]
+    assert events[2:4] == ["fsync", "replace last_checkpoint"]
+    assert events[-2:] == ["replace result.json", "fsync"] and events[-3] == "fsync"

@@ -3,7 +3,8 @@
 A checkpoint holds every module, the optimizer, the LR scheduler, the adapter's extra state and
 every RNG state (python, numpy, torch CPU and CUDA). The data stream needs no state: the batch of
 iteration i is a pure function of (seed, i) (bench/data/loader.py), so resuming at i+1 only needs i.
-Files are written to a temporary name and renamed, so a kill never leaves a truncated checkpoint.
+Files are written to a temporary name, fsynced and renamed, so a kill never leaves a truncated
+checkpoint; one truncated anyway (a full disk, a copy cut short) is skipped for the newest whole one.
 
 Under DDP every rank calls `save` (the RNG states of all ranks are gathered: each rank samples its
 own RoIs and anchors) and rank 0 writes; on resume every rank loads the same file and takes its own
@@ -58,26 +59,81 @@ class Checkpointer:
                 return path
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"iteration": iteration, "rng": rng, **state, **extra}, tmp)
+        with open(tmp, "wb") as f:  # on disk before the rename: a power cut leaves the old file or the new
+            torch.save({"iteration": iteration, "rng": rng, **state, **extra}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         marker = self.directory / "last_checkpoint"
-        marker.with_suffix(".tmp").write_text(path.name)
+        with open(marker.with_suffix(".tmp"), "w") as f:
+            f.write(path.name)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(marker.with_suffix(".tmp"), marker)
+        fsync_directory(self.directory)
         for old in sorted(self.directory.glob("iter_*.pth"))[: -self.keep]:
             old.unlink()
         return path
 
-    def latest(self) -> Path | None:
+    def candidates(self) -> list[Path]:
+        """Checkpoints newest first: the one `last_checkpoint` names, then the others by iteration."""
+        files = sorted(self.directory.glob("iter_*.pth"), reverse=True)
         marker = self.directory / "last_checkpoint"
-        if not marker.exists():
-            return None
-        path = self.directory / marker.read_text().strip()
-        return path if path.exists() else None
+        named = self.directory / marker.read_text().strip() if marker.exists() else None
+        return ([named] if named in files else []) + [f for f in files if f != named]
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that is a whole file (a torch zip archive with its directory at the
+        end: a write cut short has none); an older one where the newest is truncated."""
+        for path in self.candidates():
+            if _whole_archive(path):
+                return path
+            _warn(f"checkpoint {path} is truncated or unreadable; resuming from an older one")
+        return None
 
     def load(self, path: Path) -> dict:
+        """The state in `path`, or where it cannot be read, in the newest older checkpoint that can."""
         # Checkpoints hold RNG states (numpy tuples), so they are not weights-only files; they are
         # only ever read from the run's own directory.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        tried = []
+        for p in [path] + [c for c in self.candidates() if c.name < Path(path).name]:
+            try:
+                return torch.load(p, map_location="cpu", weights_only=False)
+            except Exception as err:  # zip, pickle or tensor errors: a damaged file
+                tried.append(f"{p} ({type(err).__name__})")
+                _warn(f"checkpoint {p} cannot be read ({type(err).__name__}: {err}); trying an older one")
+        raise RuntimeError(f"no readable checkpoint: {'; '.join(tried)}; delete {self.directory} to train the "
+                           "cell from its start")
+
+
+def _whole_archive(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def fsync_directory(directory: Path) -> None:
+    """A rename is durable once its directory is synced (POSIX); a no-op where that is not allowed."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def rank_rng_state(state: dict) -> dict | None:
