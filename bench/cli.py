@@ -342,6 +342,8 @@ def status(home: Optional[Path] = HOME_OPT):
     running); unreadable result.json and config.yaml files are named."""
     import yaml
 
+    from rich.markup import escape
+
     from bench.paths import CorruptFile, read_result
     from bench.plan import run_status
 
@@ -378,7 +380,7 @@ def status(home: Optional[Path] = HOME_OPT):
     console.print(t)
     console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs yet")
     for line in corrupt:
-        console.print(f"[red]corrupt[/red] {line}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[red]corrupt[/red] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -519,15 +521,23 @@ def data_fetch(
 
 
 @data_app.command("check")
-def data_check(path: Path = typer.Argument(..., help="A COCO JSON file or a VOC root."),
+def data_check(path: Path = typer.Argument(..., help="A COCO JSON file, a COCO root (annotations/instances_*.json) "
+                                           "or a VOC root."),
                image_dir: Optional[Path] = typer.Option(None, help="Image directory (COCO) if not next to the JSON."),
                area_scale: float = typer.Option(1.0, min=1e-3, help="Scale of COCO's 32 and 96 px size bounds, as a "
                                                 "preset's eval.area_scale (the demo's 128 px images: 0.2).")):
-    """Validate a data set and print a summary (boxes per class, size fractions, problems)."""
-    from bench.data.check import check_dataset, format_summary
+    """Validate a data set and print a summary (boxes per class, size fractions, problems); exit 2 if
+    it lists problems (missing or undecodable images, size mismatches, classes without boxes)."""
+    from bench.data.check import check_path, format_summary
 
-    summary = check_dataset(path, image_dir=image_dir, area_scale=area_scale)
-    console.print(format_summary(summary), markup=False, highlight=False)
+    summaries = check_path(path, image_dir=image_dir, area_scale=area_scale)
+    for summary in summaries:
+        console.print(format_summary(summary), markup=False, highlight=False)
+    bad = [s for s in summaries if s["problems"]]
+    if bad:
+        n = sum(len(s["problems"]) for s in bad)
+        raise BenchError(f"{', '.join(s['path'] for s in bad)}: {n} problem(s) listed above; fix them before "
+                         "training on it")
 
 
 @config_app.command("show")

@@ -44,8 +44,9 @@ def check_dataset(path: Path, image_dir: Path | None = None, image_set: str = "t
     path = Path(path)
     if path.is_dir():
         if not (path / "Annotations").is_dir() or not (path / "ImageSets" / "Main").is_dir():
-            raise BenchError(f"{path} is a folder but not a VOC root (no Annotations/ and ImageSets/Main/); "
-                             "pass a COCO JSON file or a VOCdevkit/VOC20xx folder")
+            raise BenchError(f"{path} is a folder but not a VOC root (no Annotations/ and ImageSets/Main/) nor a COCO "
+                             "root (no annotations/instances_*.json); pass a COCO JSON file, a COCO root or a "
+                             "VOCdevkit/VOC20xx folder")
         ds, fmt = load_voc(path, image_set=image_set, check_images=False), "voc"
         areas_by_ann: dict = {}
     elif path.is_file():
@@ -55,6 +56,22 @@ def check_dataset(path: Path, image_dir: Path | None = None, image_set: str = "t
     else:
         raise BenchError(f"{path} does not exist; pass a COCO annotation JSON or a VOC root folder")
     return _summarise(ds, fmt, path, areas_by_ann, verify_sizes, area_scale)
+
+
+def coco_annotation_files(root: Path) -> list[Path]:
+    """The annotation files of a COCO root (annotations/instances_*.json), [] if it is none."""
+    return sorted(Path(root).glob("annotations/instances_*.json")) if Path(root).is_dir() else []
+
+
+def check_path(path: Path, image_dir: Path | None = None, area_scale: float = 1.0) -> list[dict]:
+    """`check_dataset` of a file or a VOC root, or of each annotation file of a COCO root."""
+    files = coco_annotation_files(path)
+    if files and not (Path(path) / "Annotations").is_dir():
+        if image_dir is not None:
+            raise BenchError(f"--image-dir goes with one annotation file; {path} is a COCO root whose image folders "
+                             "are found per file (annotations/instances_<split>.json -> <split>/)")
+        return [check_dataset(f, area_scale=area_scale) for f in files]
+    return [check_dataset(path, image_dir=image_dir, area_scale=area_scale)]
 
 
 def _summarise(ds: DetectionDataset, fmt: str, path: Path, areas_by_ann: dict, verify_sizes: int,
@@ -96,13 +113,18 @@ def _summarise(ds: DetectionDataset, fmt: str, path: Path, areas_by_ann: dict, v
                 mismatched.append(f"image {r.id}: file {size[0]}x{size[1]} vs annotation {r.width}x{r.height}")
     if mismatched:
         problems.append(f"{len(mismatched)} image size mismatch(es), e.g. " + "; ".join(mismatched[:_MAX_LISTED]))
+    notes: list[str] = []  # repaired or harmless: reported, not a reason to refuse the set
     if tiny:
-        problems.append(f"{tiny} box(es) narrower than 1 px (kept, but hardly learnable)")
+        notes.append(f"{tiny} box(es) narrower than 1 px (kept, but hardly learnable)")
     clipped = int(ds.stats.get("clipped_boxes", 0))
     if clipped:
-        problems.append(f"{clipped} box(es) extended beyond their image and were clipped")
+        notes.append(f"{clipped} box(es) extended beyond their image and were clipped")
+    if not ds.records:
+        problems.append("no images")
+    if not per_class:
+        problems.append("no annotated box (crowd boxes aside): nothing to train on or score")
     empty_classes = [c["name"] for c in ds.categories if per_class[c["name"]] == 0]
-    if empty_classes:
+    if empty_classes and per_class:
         problems.append(f"{len(empty_classes)} class(es) without any box: {', '.join(empty_classes[:10])}")
     return {
         "path": str(path), "format": fmt, "name": ds.name,
@@ -116,6 +138,7 @@ def _summarise(ds: DetectionDataset, fmt: str, path: Path, areas_by_ann: dict, v
         "crowd": crowd,
         "clipped_boxes": clipped,
         "problems": problems,
+        "notes": notes,
     }
 
 
@@ -139,6 +162,9 @@ def format_summary(summary: dict) -> str:
     ]
     width = max((len(n) for n in summary["boxes_per_class"]), default=0)
     lines += [f"  {n:<{width}}  {c}" for n, c in summary["boxes_per_class"].items()]
+    if summary.get("notes"):
+        lines.append("notes:")
+        lines += [f"  - {n}" for n in summary["notes"]]
     if summary["problems"]:
         lines.append("problems:")
         lines += [f"  - {p}" for p in summary["problems"]]

@@ -19,6 +19,7 @@ from bench.data.types import DetectionDataset, ImageRecord
 from bench.errors import BenchError
 
 _FIX_JSON = "fix the file or re-export it as COCO detection JSON"
+MAX_SIDE = 1 << 16  # pixels: larger sides are a unit or a typo, and overflow float32 box arithmetic
 
 
 def load_image(path: Path) -> Image.Image:
@@ -75,6 +76,18 @@ def _number(v: object, what: str, where: str, path: Path) -> float:
     return float(v)
 
 
+def _int_id(v: object, what: str, path: Path) -> int:
+    """An id: a JSON integer (not a bool, a float, a string, a list or null)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BenchError(f"{path}: {what} {_short(v)} is not an integer id; {_FIX_JSON}")
+    return v
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
               check_images: bool = True) -> DetectionDataset:
     """Read a COCO detection JSON into the internal format (see ``bench.data.types``).
@@ -89,31 +102,39 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
     if not isinstance(doc["images"], list) or not isinstance(doc["categories"], list) or not isinstance(anns, list):
         raise BenchError(f"{path}: 'images', 'annotations' and 'categories' must be lists; {_FIX_JSON}")
 
+    if not doc["categories"]:
+        raise BenchError(f"{path}: 'categories' is empty; a detector needs at least one class: list them as "
+                         '[{"id": 1, "name": "..."}, ...]')
     cat_ids: dict[int, str] = {}
     for c in doc["categories"]:
         _require(c, ("id", "name"), "a category", path)
         cid = c["id"]
         if not isinstance(cid, int) or isinstance(cid, bool):
-            raise BenchError(f"{path}: category {c.get('name')!r} has non-integer id {cid!r}; {_FIX_JSON}")
+            raise BenchError(f"{path}: category {_short(c.get('name'))} has non-integer id {_short(cid)}; {_FIX_JSON}")
         if cid in cat_ids:
             raise BenchError(f"{path}: duplicate category id {cid}; give every category a unique id")
-        cat_ids[cid] = str(c["name"])
+        if not isinstance(c["name"], str) or not c["name"]:
+            raise BenchError(f"{path}: category {cid} has name {_short(c['name'])}, not a non-empty string; {_FIX_JSON}")
+        cat_ids[cid] = c["name"]
     categories = [{"id": cid, "name": cat_ids[cid]} for cid in sorted(cat_ids)]
     label_of = {c["id"]: i for i, c in enumerate(categories)}
 
     images: dict[int, dict] = {}
     for im in doc["images"]:
-        _require(im, ("id", "file_name", "width", "height"), f"image {im.get('id') if isinstance(im, dict) else im!r}", path)
-        iid = im["id"]
-        if not isinstance(iid, int) or isinstance(iid, bool):
-            raise BenchError(f"{path}: image id {iid!r} is not an integer; {_FIX_JSON}")
+        _require(im, ("id", "file_name", "width", "height"),
+                 f"image {_short(im.get('id')) if isinstance(im, dict) else _short(im)}", path)
+        iid = _int_id(im["id"], "image id", path)
+        file_name = im["file_name"]
+        if not isinstance(file_name, str) or not file_name.strip() or "\x00" in file_name:
+            raise BenchError(f"{path}: image {iid} has file_name {_short(file_name)}, not a file name; {_FIX_JSON}")
         if iid in images:
-            raise BenchError(f"{path}: duplicate image id {iid} ({images[iid]['file_name']} and {im['file_name']}); "
+            raise BenchError(f"{path}: duplicate image id {iid} ({images[iid]['file_name']} and {file_name}); "
                              "give every image a unique id")
         w = _number(im["width"], "width", f"image {iid}", path)
         h = _number(im["height"], "height", f"image {iid}", path)
-        if w <= 0 or h <= 0:
-            raise BenchError(f"{path}: image {iid} has size {w:g}x{h:g}; set its real width and height")
+        if w <= 0 or h <= 0 or w != int(w) or h != int(h) or max(w, h) > MAX_SIDE:
+            raise BenchError(f"{path}: image {iid} has size {_short(im['width'])}x{_short(im['height'])}; set its "
+                             f"real width and height (whole pixels, 1 to {MAX_SIDE})")
         images[iid] = im
 
     per_image: dict[int, list] = {iid: [] for iid in images}
@@ -122,9 +143,13 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
     seen_ann: set[int] = set()
     for a in anns:
         _require(a, ("id", "image_id", "category_id", "bbox"),
-                 f"annotation {a.get('id') if isinstance(a, dict) else a!r}", path)
-        aid, iid = a["id"], a["image_id"]
+                 f"annotation {_short(a.get('id')) if isinstance(a, dict) else _short(a)}", path)
+        aid = _int_id(a["id"], "annotation id", path)
+        iid = _int_id(a["image_id"], f"annotation {aid}'s image_id", path)
         where = f"annotation {aid} (image {iid})"
+        if isinstance(a["category_id"], bool) or not isinstance(a["category_id"], int):
+            raise BenchError(f"{path}: {where} has category_id {_short(a['category_id'])}, not an integer id; "
+                             f"{_FIX_JSON}")
         if aid in seen_ann:
             raise BenchError(f"{path}: duplicate annotation id {aid}; give every annotation a unique id")
         seen_ann.add(aid)
@@ -132,11 +157,11 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
             raise BenchError(f"{path}: {where} refers to an image id that is not in 'images'; "
                              "add the image or delete the annotation")
         if a["category_id"] not in label_of:
-            raise BenchError(f"{path}: {where} has unknown category id {a['category_id']!r} "
+            raise BenchError(f"{path}: {where} has unknown category id {a['category_id']} "
                              f"(known: {sorted(label_of)}); add the category or fix the annotation")
         bbox = a["bbox"]
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise BenchError(f"{path}: {where} bbox {bbox!r} is not [x, y, width, height]; {_FIX_JSON}")
+            raise BenchError(f"{path}: {where} bbox {_short(bbox)} is not [x, y, width, height]; {_FIX_JSON}")
         x, y, bw, bh = (_number(v, "bbox", where, path) for v in bbox)
         if bw <= 0 or bh <= 0:
             kind = "negative" if (bw < 0 or bh < 0) else "zero"
@@ -151,10 +176,16 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
             clipped += 1
         if "area" in a and a["area"] is not None:
             area = _number(a["area"], "area", where, path)
+            if area < 0:
+                raise BenchError(f"{path}: {where} has negative area {area:g}; fix it or delete the key (it is then "
+                                 "computed from the box)")
         else:
             area = (x2 - x1) * (y2 - y1)
             computed += 1
-        is_crowd = bool(a.get("iscrowd", 0))
+        iscrowd = a.get("iscrowd", 0)
+        if iscrowd not in (0, 1):  # "no" and "false" would read as crowd
+            raise BenchError(f"{path}: {where} has iscrowd {_short(iscrowd)}; it must be 0 or 1")
+        is_crowd = bool(iscrowd)
         crowd += is_crowd
         areas[int(aid)] = area
         per_image[iid].append((x1, y1, x2, y2, label_of[a["category_id"]], is_crowd, aid, area))

@@ -40,6 +40,16 @@ class SemiData:
         return DetectionDataset(self.labeled.name, records, self.labeled.categories, self.labeled.annotation_file)
 
 
+def _require_boxes(ds: DetectionDataset, what: str) -> DetectionDataset:
+    """A training or validation set without a single (non-crowd) box trains and scores nothing: AP
+    0.00 would be cached as a result."""
+    if not any((~r.iscrowd).any() for r in ds.records):
+        source = ds.annotation_file or ds.name
+        raise BenchError(f"{source}: the {what} set has {len(ds.records)} images and no annotated box; "
+                         "a detector cannot learn or be scored on it: add annotations or point at another set")
+    return ds
+
+
 def _require(path: Path, what: str, fix: str) -> Path:
     if not path.exists():
         raise BenchError(f"{what} not found at {path}; {fix}")
@@ -90,8 +100,10 @@ def prepare_data(cfg, home: Path) -> SemiData:
         paths = synth.ensure_demo_data(home, seed=s.seed, train_images=s.train_images,
                                        val_images=s.val_images, image_size=s.image_size)
         root = Path(paths["root"])
-        train = _load_coco(Path(paths["train"]), root / "images" / "train", name="synthetic_train")
-        val = _load_coco(Path(paths["val"]), root / "images" / "val", name="synthetic_val")
+        train = _require_boxes(_load_coco(Path(paths["train"]), root / "images" / "train", name="synthetic_train"),
+                               "training")
+        val = _require_boxes(_load_coco(Path(paths["val"]), root / "images" / "val", name="synthetic_val"),
+                             "validation")
         manifest = _manifest(cfg, train, home)
         return SemiData(train.subset(manifest.labeled_ids), train.subset(manifest.unlabeled_ids), val, manifest)
 
@@ -101,8 +113,8 @@ def prepare_data(cfg, home: Path) -> SemiData:
                              f"data.setting=coco_standard (got {cfg.setting})")
         root = Path(cfg.root) if cfg.root else forest.default_root(home)
         files = forest.dataset_files(root, home)
-        train = _load_coco(files["train"], files["train_images"], name="forest_train")
-        val = _load_coco(files["val"], files["val_images"], name="forest_val")
+        train = _require_boxes(_load_coco(files["train"], files["train_images"], name="forest_train"), "training")
+        val = _require_boxes(_load_coco(files["val"], files["val_images"], name="forest_val"), "validation")
         forest.check_hashes(root, home, train, val)
         manifest = _manifest(cfg, train, home)
         return SemiData(train.subset(manifest.labeled_ids), train.subset(manifest.unlabeled_ids), val, manifest)
@@ -111,7 +123,8 @@ def prepare_data(cfg, home: Path) -> SemiData:
         raise BenchError(f"data.root is required for data.dataset={cfg.dataset}; pass --data-root DIR or data.root=DIR")
     root = Path(cfg.root)
     if cfg.dataset == "coco":
-        train, val = _coco_split(root, "train2017"), _coco_split(root, "val2017")
+        train = _require_boxes(_coco_split(root, "train2017"), "training")
+        val = _require_boxes(_coco_split(root, "val2017"), "validation")
         if cfg.setting == "coco_standard":
             manifest = _manifest(cfg, train, home)
             return SemiData(train.subset(manifest.labeled_ids), train.subset(manifest.unlabeled_ids), val, manifest)
@@ -128,8 +141,8 @@ def prepare_data(cfg, home: Path) -> SemiData:
         raise BenchError(f"data.dataset=voc needs data.setting=voc (got {cfg.setting})")
     voc07 = _require(root / "VOC2007", "VOC2007", "set data.root to a VOCdevkit directory")
     voc12 = _require(root / "VOC2012", "VOC2012", "set data.root to a VOCdevkit directory")
-    labeled = voc.load_voc(voc07, "trainval", name="voc07_trainval")
+    labeled = _require_boxes(voc.load_voc(voc07, "trainval", name="voc07_trainval"), "training")
     unlabeled = voc.load_voc(voc12, "trainval", name="voc12_trainval")
-    val = voc.load_voc(voc07, "test", name="voc07_test")
+    val = _require_boxes(voc.load_voc(voc07, "test", name="voc07_test"), "validation")
     manifest = splits.make_setting_split("voc", labeled, unlabeled)
     return SemiData(labeled, unlabeled, val, manifest)
