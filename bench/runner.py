@@ -171,15 +171,19 @@ def planned_columns(cells: list[Cell]) -> list[str]:
     return list(dict.fromkeys(c.column_id for c in cells if not c.is_start))
 
 
-def table_header(command: str, preset: str, notes: list[str] = ()) -> dict:
-    """The comment lines of a table (and of its figures' CSVs): command, commit, preset, time, and
-    the columns the plan left out."""
+def table_header(command: str, preset: str, notes: list[str] = (), cells: list[Cell] = ()) -> dict:
+    """The comment lines of a table (and of its figures' CSVs): command, commit, preset, time, the
+    columns the plan left out, and the cells' `eval.area_scale` where it is not 1 (their APs/APm/APl
+    bins are not COCO's; the tables also say so under the grid)."""
     from datetime import datetime, timezone
 
     header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset,
               "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if column_notes := [n for n in notes if n.startswith("column ")]:
         header["not_run"] = "; ".join(column_notes)
+    scales = sorted({c.config.eval.area_scale for c in cells if not c.is_start})
+    if any(s != 1 for s in scales):
+        header["area_scale"] = ", ".join(f"{s:g}" for s in scales)
     return header
 
 
@@ -196,7 +200,7 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
     if results.empty:  # a published table is never replaced by an empty one
         raise BenchError(f"no cell of {spec.name} on preset {preset} is done in {home} ({len(failed)} failed); "
                          f"the tables in {out_dir} are left as they are; run `bench run {spec.name}` first")
-    header = table_header(command, preset, notes)
+    header = table_header(command, preset, notes, cells)
     paths = write_all(spec, results, failed, out_dir, err=err, header=header)
     if spec.baseline_pairs:  # the forest plot of the paired deltas, next to the table
         from bench.report.deltas import write_deltas_figure

@@ -324,11 +324,25 @@ def _delta_grid(spec: ArtifactSpec, deltas: pd.DataFrame, st: _Style) -> tuple[l
     return head, body
 
 
-def _legend(spec: ArtifactSpec, err: str) -> str:
+def _legend(spec: ArtifactSpec, err: str, header: list[tuple[str, str]] = ()) -> str:
     paper = "paper: the published value; " if spec.paper_table is not None else ""
-    return (f"Cells: our mean ± {err} over seeds (n runs); {paper}"
+    text = (f"Cells: our mean ± {err} over seeds (n runs); {paper}"
             f"bold: the best mean of a column. Deltas pair runs by seed; 95% CI of the mean delta "
             f"(Student's t) when n ≥ 2, p from a paired t-test when n ≥ {MIN_SEEDS_FOR_TEST}.")
+    return text + _area_scale_note(dict(header).get("area_scale"))
+
+
+def _area_scale_note(area_scale: str | None) -> str:
+    """The visible sentence for a header's `area_scale` (eval.area_scale, when not 1): the size
+    bins of APs/APm/APl are not COCO's, and a reader comparing them with the paper must know."""
+    if not area_scale:
+        return ""
+    bounds = []
+    for part in area_scale.split(","):
+        s = float(part)
+        bounds.append(f"{s:g} (small < {32 * s:g} px, large > {96 * s:g} px)")
+    return (f" Size bins (APs/APm/APl) use COCO's bounds (32 and 96 px, square root of the box area) times "
+            f"eval.area_scale = {'; '.join(bounds)}.")
 
 
 def _comment_value(v: str) -> str:
@@ -342,7 +356,7 @@ def _render_md(spec, cells, deltas, header, err) -> str:
     out += ["", f"### {_md_escape(spec.name)}: {_md_escape(spec.title)}", ""]
     head, body = _grid(spec, cells, st)
     out += _md_table(head, body)
-    out += ["", _md_escape(_legend(spec, err))]
+    out += ["", _md_escape(_legend(spec, err, header))]
     if len(deltas):
         dhead, dbody = _delta_grid(spec, deltas, st)
         out += ["", f"#### LSM {st.minus} baseline, paired by seed", ""] + _md_table(dhead, dbody, n_left=5)
@@ -360,7 +374,7 @@ def _render_tex(spec, cells, deltas, header, err) -> str:
     st = _STYLES["tex"]
     out = [f"% {k}: {v}" for k, v in header]
     head, body = _grid(spec, cells, st)
-    out += _tex_table(head, body, f"{spec.title}. {_legend(spec, err)}", f"tab:{spec.name}", "l" + "r" * (len(head) - 1))
+    out += _tex_table(head, body, f"{spec.title}. {_legend(spec, err, header)}", f"tab:{spec.name}", "l" + "r" * (len(head) - 1))
     if len(deltas):
         dhead, dbody = _delta_grid(spec, deltas, st)
         out += [""] + _tex_table(dhead, dbody, f"{spec.title}: LSM − baseline, paired by seed.",
@@ -383,7 +397,7 @@ def _render_html(spec, cells, deltas, header, err) -> str:
             f"<title>{esc(spec.name)}: {esc(spec.title)}</title>", "</head>", "<body>"]
     head, body = _grid(spec, cells, st)
     out += _html_table(head, body, f"{esc(spec.name)}: {esc(spec.title)}", spec.name)
-    out += [f"<p>{esc(_legend(spec, err))}</p>"]
+    out += [f"<p>{esc(_legend(spec, err, header))}</p>"]
     if len(deltas):
         dhead, dbody = _delta_grid(spec, deltas, st)
         out += [f"<h4>LSM {st.minus} baseline, paired by seed</h4>"]

@@ -286,3 +286,33 @@ def test_bad_options_are_refused(spec, results):
         render(spec, results, [("ubteacher", "coco_additional", 1)], header=HEADER)
     with pytest.raises(ValueError, match="render needs a header"):
         render(spec, results)
+
+
+def test_area_scale_is_shown_in_the_header_and_under_every_table(spec, results):
+    """A preset with rescaled size bins (the demo's 0.2) says so where a reader looks: the header
+    comment and the visible legend of md, tex and html; at 1 nothing is added."""
+    plain = render(spec, results, FAILED, "md", "std", HEADER)
+    assert "area_scale" not in plain and "Size bins" not in plain
+    scaled = {**HEADER, "area_scale": "0.2"}
+    md = render(spec, results, FAILED, "md", "std", scaled)
+    assert "<!-- area_scale: 0.2 -->" in md
+    assert r"times eval.area\_scale = 0.2 (small \< 6.4 px, large > 19.2 px)." in md.split("-->")[-1]
+    tex = render(spec, results, FAILED, "tex", "std", scaled)
+    assert r"eval.area\_scale = 0.2 (small \textless{} 6.4 px, large \textgreater{} 19.2 px)" in tex.split(r"\caption")[1]
+    html = render(spec, results, FAILED, "html", "std", scaled)
+    assert "eval.area_scale = 0.2 (small &lt; 6.4 px, large &gt; 19.2 px)" in html.split("<p>")[1]
+    assert "# area_scale: 0.2" in render(spec, results, FAILED, "csv", "std", scaled)
+
+
+def test_table_header_reports_the_cells_area_scale(monkeypatch):
+    from bench import runner
+    from bench.config import load_config
+    from bench.plan import Cell
+
+    monkeypatch.setattr(runner.tracking, "git_sha", lambda: "0123abc")
+    demo = [Cell("ubteacher", "c5", 1, load_config("demo", [], method="ubteacher"), "k1")]
+    assert runner.table_header("bench run table1", "demo", [], demo)["area_scale"] == "0.2"
+    coco = [Cell("ubteacher", "c5", 1, load_config("coco", [], method="ubteacher"), "k2")]
+    assert "area_scale" not in runner.table_header("bench run table1", "coco", [], coco)
+    both = runner.table_header("bench run table1", "demo", [], demo + coco)
+    assert both["area_scale"] == "0.2, 1"  # a table mixing scales lists each
