@@ -140,3 +140,114 @@ def test_unknown_and_planned_methods_are_named(monkeypatch):
     monkeypatch.setattr(base, "PLANNED_METHODS", ("mixpl",))  # a method of a later issue
     with pytest.raises(BenchError, match="method 'mixpl' is not implemented yet"):
         get_adapter("mixpl")
+
+
+# ------------------------------------------------------------------ the protocol, step by step
+def test_burn_in_step_trains_on_both_labeled_views(setting):
+    """UBT's burn-in forwards the labeled strong and weak views together (2 x the labeled batch)."""
+    cfg, data = setting
+    cfg, adapter = _adapter(cfg, data)
+    batch = next(batch_stream(cfg, adapter, data, 0))
+    seen = []
+    forward = adapter.student.train_forward
+    adapter.student.train_forward = lambda images, targets: seen.append((images, targets)) or forward(images, targets)
+    adapter.training_step(0, batch)
+    (images, targets), = seen
+    n = cfg.solver.ims_per_batch_labeled
+    assert len(images) == 2 * n
+    for i, item in enumerate(batch["labeled"]):
+        assert torch.equal(images[i], item["views"]["strong"].image)
+        assert torch.equal(images[n + i], item["views"]["weak"].image)
+        assert torch.equal(targets[n + i]["boxes"], item["views"]["weak"].boxes)
+    # the two views differ in pixels (photometric strong view), not in boxes
+    assert not torch.equal(images[0], images[n])
+
+
+def _hook_at(adapter, iteration: int):
+    from types import SimpleNamespace
+
+    hook, = adapter.hooks()
+    hook.trainer = SimpleNamespace(iter=iteration)
+    return hook
+
+
+def test_teacher_is_an_exact_copy_at_burn_in_end_and_f_aux_starts_as_f_main(setting):
+    cfg, data = setting
+    cfg, adapter = _adapter(cfg, data, enabled=True)
+    with torch.no_grad():  # a student that has trained: every parameter and buffer moved
+        for p in adapter.student.parameters():
+            p.add_(torch.randn_like(p))
+    heads = adapter.student.roi_heads
+    assert not torch.equal(heads.aux_cls_score.weight, heads.box_predictor.cls_score.weight)
+    _hook_at(adapter, cfg.semi.burn_in - 1).before_step()  # still burn-in: nothing happens
+    assert not torch.equal(adapter.teacher.roi_heads.box_head.fc6.weight, heads.box_head.fc6.weight)
+    _hook_at(adapter, cfg.semi.burn_in).before_step()
+    student, teacher = adapter.student.state_dict(), adapter.teacher.state_dict()
+    assert student.keys() == teacher.keys()
+    for k in student:
+        assert torch.equal(student[k], teacher[k]), k
+    assert torch.equal(heads.aux_cls_score.weight, heads.box_predictor.cls_score.weight)
+    assert torch.equal(heads.aux_cls_score.bias, heads.box_predictor.cls_score.bias)
+    # afterwards: an EMA with keep rate semi.ema_keep_rate over parameters and buffers
+    before = teacher["roi_heads.box_head.fc6.weight"].clone()
+    with torch.no_grad():
+        heads.box_head.fc6.weight.add_(1.0)
+    _hook_at(adapter, cfg.semi.burn_in + 1).before_step()
+    keep = cfg.semi.ema_keep_rate
+    torch.testing.assert_close(adapter.teacher.roi_heads.box_head.fc6.weight,
+                               keep * before + (1 - keep) * (before + 1.0))
+
+
+def _small_canonical_scale(cfg):
+    """64 px images: RoIs of 8-16 px sides on P3 and up, so PIM has RoIs with a shifted source."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"canonical_scale": 16})})
+
+
+def test_lambda_u_scales_the_unsupervised_and_pim_terms_only(setting):
+    """Eq. 3: lambda_u multiplies UBT's unsupervised terms and LSM's unlabeled PIM / SD terms; the
+    supervised terms and PIM on the labeled batch do not move (same batch, same random draws)."""
+    cfg, data = setting
+    cfg = _small_canonical_scale(cfg)
+    outs = {}
+    for lam in (1.0, 3.0):
+        cfg_l = cfg.model_copy(update={"semi": cfg.semi.model_copy(update={"lambda_u": lam})})
+        cfg_l, adapter = _adapter(cfg_l, data, enabled=True, alpha=0.05)  # the untrained teacher's ~1/K
+        batch = _first_batch(cfg_l, adapter, data)
+        torch.manual_seed(11)
+        outs[lam] = {k: v.item() for k, v in adapter.training_step(cfg.semi.burn_in, batch).losses.items()}
+    one, three = outs[1.0], outs[3.0]
+    scaled = {"loss_rpn_cls_unsup", "loss_cls_unsup", "loss_pim_cls_unsup", "loss_pim_reg_unsup", "loss_sd"}
+    assert scaled <= set(one) and set(one) == set(three)
+    for k in one:
+        factor = 3.0 if k in scaled else 1.0
+        assert three[k] == pytest.approx(factor * one[k], rel=1e-5, abs=1e-8), k
+    assert one["loss_cls_unsup"] > 0 and one["loss_pim_cls_unsup"] > 0
+
+
+def test_pim_leaves_out_p2_rois_inside_a_real_step(setting, monkeypatch):
+    """In a UBT + LSM step, PIM pools every sampled RoI from the half-size pyramid, and the ones the
+    FPN rule puts on P2 (no shifted source) never reach F_aux."""
+    import adapters.lsm as lsm_module
+    from adapters.models.faster_rcnn import roi_levels
+
+    cfg, data = setting
+    cfg, adapter = _adapter(_small_canonical_scale(cfg), data, enabled=True, sd=False, alpha=0.05)
+    calls = []
+    pool = lsm_module.pool_by_level
+
+    def recording(features, proposals, canonical_scale, *args):
+        out = pool(features, proposals, canonical_scale, *args)
+        calls.append((sorted(features), roi_levels(torch.cat(proposals), canonical_scale), out[1]))
+        return out
+
+    monkeypatch.setattr(lsm_module, "pool_by_level", recording)
+    aux_rows = []
+    adapter.student.roi_heads.aux_cls_score.register_forward_hook(lambda m, i, o: aux_rows.append(len(o)))
+    adapter.training_step(cfg.semi.burn_in, _first_batch(cfg, adapter, data))
+    assert calls, "PIM pooled nothing"
+    levels = torch.cat([lv for _, lv, _ in calls])
+    has_source = torch.cat([h for _, _, h in calls])
+    assert all(f == [3, 4, 5] for f, _, _ in calls)  # P2^d -> P3, P3^d -> P4, P4^d -> P5
+    assert (levels == 2).any() and (levels > 2).any()  # the step has RoIs of both kinds
+    assert torch.equal(has_source, levels > 2)
+    assert sum(aux_rows) == int(has_source.sum())  # F_aux sees exactly the RoIs with a source
