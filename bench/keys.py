@@ -15,7 +15,8 @@ import json
 # stac 2: STAC's own strong augmentation instead of Unbiased Teacher's.
 # ubteacher 3, softteacher 2, pseco 2: the teacher proposes with the RPN's train-time top-n
 # (`semi.teacher_proposals`, default train), as the originals.
-CODE_VERSION = {"supervised": 1, "ubteacher": 3, "stac": 2, "softteacher": 2, "pseco": 2}
+# ddetr 2: the box head's w/h bias starts at -2 (the official initialisation).
+CODE_VERSION = {"supervised": 1, "ubteacher": 3, "stac": 2, "softteacher": 2, "pseco": 2, "ddetr": 2}
 # The detector code shared by every method. 2: frozen BN folded into the convs, channels-last
 # trunk (float rounding). 3: RoIAlign as one weighted gather over all levels, NMS in float64 with
 # the levels (classes) offset, 1x1 convolutions as matrix products (float rounding; same draws).

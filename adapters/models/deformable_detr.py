@@ -294,6 +294,9 @@ class DeformableDETR(nn.Module):
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior) / prior))
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        # official init: w and h start at sigmoid(-2) ~ 0.12 of the image, not 0.5 (large boxes that
+        # match nothing well in the first iterations)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
         self.aux_class_embed: nn.Linear | None = None  # LSM's F_aux (attach_aux_classifier)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)

@@ -111,6 +111,17 @@ def test_builds_offline_without_network(monkeypatch):
     assert dets[1]["boxes"][:, 2].max() <= 64 + 1e-4 and dets[1]["boxes"][:, 3].max() <= 48 + 1e-4
 
 
+def test_initial_boxes_are_a_tenth_of_the_image_as_the_official_init():
+    """Before training every query's box sits on its reference point with w = h = sigmoid(-2)."""
+    ad = _adapter()
+    ad.student.eval()
+    pixel_values, pixel_mask, _ = ad.student.preprocess([torch.rand(3, 64, 64), torch.rand(3, 48, 64)])
+    with torch.no_grad():
+        boxes = ad.student.decode(pixel_values, pixel_mask).boxes
+    torch.testing.assert_close(boxes[..., 2:], torch.full_like(boxes[..., 2:], 1 / (1 + math.exp(2.0))))
+    assert ad.student.bbox_embed.layers[-1].bias.tolist() == [0.0, 0.0, -2.0, -2.0]
+
+
 def test_pseudo_labels_take_the_per_query_argmax():
     logits = torch.tensor([[[3.0, 2.0, -9.0], [-9.0, -9.0, -9.0]]])  # query 0: two classes above 0.5
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
