@@ -1,4 +1,4 @@
-"""STAC's strong augmentation of the unlabeled images (ssod_methods.md 5.2, `RandomAugmentBBox('strong')`).
+"""STAC's strong augmentation of the unlabeled images (the original's `RandomAugmentBBox('strong')`).
 
 After the resize (no flip for unlabeled images in the original's stage 3), three groups: a colour
 op and a geometric op in random order, then cutout:
@@ -9,7 +9,7 @@ op and a geometric op in random order, then cutout:
   +-30 deg, grey fill; the boxes follow through the view's matrix) or an in-box affine (one
   pseudo-box's pixels get a weak affine: +-5 %, +-10 deg; the boxes stay);
 - cutout: 1 to 5 grey squares whose side is 0 or 0.2 of the image's shorter side (imgaug's list
-  means one of the two values, ssod_methods.md 5.2), centred anywhere in the image.
+  means one of the two values), centred anywhere in the image.
 Every draw comes from the generator passed in, so a view is a pure function of its seed.
 Differences from the original: pixels are cut out with grey 125 (imgaug's constant mode uses 128),
 and an image whose pseudo-boxes all leave the view keeps none (the original restores the

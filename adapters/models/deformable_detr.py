@@ -5,7 +5,7 @@ access: nothing is downloaded, `HF_HUB_OFFLINE=1` is safe). Its convolutional tr
 a torchvision one (R50 FrozenBN as the official repo, MobileNetV2 or the tiny CPU trunk of
 adapters/models/faster_rcnn.py), so the ImageNet weights the Faster R-CNN presets use load the same
 way. The heads (class_embed, bbox_embed) and the loss are ours, following the official recipe, not
-HF's defaults (ssod_methods.md 6.3-6.5, pitfall 13):
+HF's defaults, which differ from it:
 - Hungarian matching per image (scipy) with cost 2 * focal-class + 5 * L1 + 2 * (-GIoU);
 - sigmoid focal classification (alpha 0.25, gamma 2) weight 2, L1 weight 5, GIoU weight 2, all
   summed over matched pairs (focal over every query x class) and divided by the number of boxes;
@@ -350,7 +350,7 @@ class DeformableDETR(nn.Module):
     @torch.no_grad()
     def pseudo_label(self, images: list[Tensor], threshold: float) -> list[dict]:
         """Pseudo-labels from DETR outputs: each query's argmax class first, then score >= threshold,
-        so a query gives at most one box (pitfall 13: top-k over (query, class) would duplicate it)."""
+        so a query gives at most one box (top-k over (query, class) pairs would duplicate it)."""
         outs, _, _, sizes = self.forward_train(images)
         return per_query_detections(outs.logits[-1], outs.boxes[-1], sizes, threshold)
 

@@ -1,7 +1,7 @@
 """Labeled/unlabeled split manifests: image ids written to disk, tied to the data they came from.
 
 Published SSOD splits are not reproducible from their generators (random offsets, sampling with
-replacement, indices into a filtered list; pitfall 1 of ssod_methods.md), so a split here is
+replacement, indices into a filtered list), so a split here is
 always a manifest of image *ids* plus a hash of the data set it was drawn from. Training refuses a
 manifest whose data hash differs from the data it is applied to.
 """

@@ -7,7 +7,7 @@ ORIGINAL image coordinates to view coordinates; Soft Teacher / PseCo map boxes b
 independently augmented views with ``relative_matrix``.
 
 Weak = detectron2's ResizeShortestEdge (random short side) + horizontal flip. Strong = Unbiased
-Teacher's photometric recipe (ssod_methods.md 2.3) applied to the weak view's pixels, so the two
+Teacher's photometric recipe (colour jitter, grayscale, blur, cutout) applied to the weak view's pixels, so the two
 views are pixel-aligned and share boxes.
 """
 
