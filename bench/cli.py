@@ -746,12 +746,38 @@ def _click_errors() -> tuple[tuple, tuple, tuple]:
     return tuple(errors), tuple(aborts), tuple(exits)
 
 
+_terminated = False
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (kill, a scheduler, systemd) unwinds like Ctrl-C: `finally` blocks stop the workers and
+    servers this process started (the default action would orphan them, still listening)."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _debug() -> bool:
+    """--debug anywhere on the command line (removed before parsing) or BENCH_DEBUG=1: tracebacks shown."""
+    flag = "--debug" in sys.argv[1:]
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
+    return flag or os.environ.get("BENCH_DEBUG", "") not in ("", "0")
+
+
 def main() -> None:
+    import signal
+    import traceback
+
+    debug = _debug()
     errors, aborts, exits = _click_errors()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # a shell starts background jobs with SIGINT ignored; `kill -INT` must still stop them
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         # Without standalone mode typer returns an exit code (Ctrl-C as 130, typer.Exit(n) as n)
         code = app(standalone_mode=False)
-        if code == 130:
+        if code == 130 or _terminated:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
@@ -763,11 +789,22 @@ def main() -> None:
     except aborts:
         sys.exit(1)
     except BenchError as err:
+        if debug:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
-        sys.exit(130)
+        if debug:
+            traceback.print_exc()
+        err_console.print("terminated" if _terminated else "interrupted", "; rerun the same command to resume", sep="")
+        sys.exit(143 if _terminated else 130)
+    except Exception as err:  # a bug: one line and how to see more
+        if debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(err).__name__}: {first}); rerun with --debug (or BENCH_DEBUG=1) for "
+              "the traceback and report it", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

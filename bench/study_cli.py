@@ -365,10 +365,10 @@ def ui(port: int = typer.Option(5000, "--port", help="MLflow UI port on 127.0.0.
                       "starting MLflow only[/yellow]")
         dashboard = False
     services = ui_mod.start(home, storage, port, dashboard_port, dashboard)
-    for s in services:
-        say(f"{s.name}: {s.url}")
-    console.print("Ctrl-C stops the servers")
-    try:
+    try:  # from here on an interrupt (Ctrl-C, SIGINT, SIGTERM: bench.cli.main) stops the servers
+        for s in services:
+            say(f"{s.name}: {s.url}")
+        console.print("Ctrl-C stops the servers")
         while all(s.process is None or s.process.poll() is None for s in services):
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -49,22 +49,64 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+_warned = False
+
+
+def _warn_once(err: BaseException) -> None:
+    """The first tracking failure of a process, as one line on stderr (a cell's log); later ones are silent."""
+    global _warned
+    if not _warned:
+        import sys
+
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"warning: MLflow tracking failed ({type(err).__name__}: {first}); training goes on without it, "
+              "its metrics stay in the cell's metrics.jsonl", file=sys.stderr, flush=True)
+        _warned = True
+
+
+def _tolerant(method):
+    """A Tracker method that never fails its caller: an MLflow error turns the tracker off (warned once)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # sqlite (read-only, deleted, locked), HTTP, MLflow's own errors
+            self.enabled = False
+            _warn_once(err)
+            return None
+
+    return wrapper
+
+
 class Tracker:
-    """One MLflow run. Methods are no-ops when `enabled` is False (tests, dry runs)."""
+    """One MLflow run. Methods are no-ops when `enabled` is False (tests, dry runs), and turn it off
+    on an MLflow error: a cell's result never depends on the tracking store (docs/errors.md)."""
 
     def __init__(self, home: Path, enabled: bool = True):
         self.enabled = enabled
         self.home = Path(home)
         self.run_id: str | None = None
-        if enabled:
-            import logging
+        self._client = None
+        self.experiment_id: str | None = None
+        self._connect()
 
-            import mlflow
+    @_tolerant
+    def _connect(self) -> None:
+        import logging
 
-            for name in ("mlflow", "alembic"):  # schema-creation chatter on a new database
-                logging.getLogger(name).setLevel(logging.WARNING)
+        import mlflow
 
-            self._client = mlflow.MlflowClient(tracking_uri=tracking_uri(home))
+        for name in ("mlflow", "alembic"):  # schema-creation chatter on a new database
+            logging.getLogger(name).setLevel(logging.WARNING)
+        uri = tracking_uri(self.home)
+        # The first use of a sqlite store creates and migrates its schema: two processes doing that at
+        # once collide (`duplicate column name`), so the first use is serialised by a file lock.
+        with _store_lock(uri):
+            self._client = mlflow.MlflowClient(tracking_uri=uri)
             exp = self._client.get_experiment_by_name(EXPERIMENT)
             if exp is None:  # artifacts beside the database, not in the current directory
                 artifacts = (self.home / "mlartifacts").resolve().as_uri()
@@ -72,11 +114,10 @@ class Tracker:
             else:
                 self.experiment_id = exp.experiment_id
 
+    @_tolerant
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, str],
               parent_run_id: str | None = None, run_id: str | None = None) -> str | None:
         """Start a run, or continue `run_id` (a resumed cell keeps its MLflow run)."""
-        if not self.enabled:
-            return None
         if run_id is not None:
             self.run_id = run_id
             self._client.update_run(run_id, status="RUNNING")
@@ -93,8 +134,9 @@ class Tracker:
             self._client.log_batch(self.run_id, params=items[i:i + 100])
         return self.run_id
 
+    @_tolerant
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or self.run_id is None:
+        if self.run_id is None:
             return
         import time as _time
 
@@ -106,18 +148,44 @@ class Tracker:
         for i in range(0, len(items), 500):
             self._client.log_batch(self.run_id, metrics=items[i:i + 500])
 
+    @_tolerant
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled and self.run_id:
             for k, v in tags.items():
                 self._client.set_tag(self.run_id, k, v)
 
+    @_tolerant
     def log_artifact(self, path: Path) -> None:
         if self.enabled and self.run_id:
             self._client.log_artifact(self.run_id, str(path))
 
+    @_tolerant
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self._client.set_terminated(self.run_id, status=status)
+
+
+def _store_lock(uri: str):
+    """An exclusive lock beside a sqlite store (mlflow.db.lock) while it is opened; nothing for servers."""
+    import contextlib
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def locked():
+        import fcntl
+
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return locked()
 
 
 # SQLite serialises writers; beyond this many worker processes logging at once, `bench run` puts
