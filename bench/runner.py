@@ -17,7 +17,7 @@ from rich.table import Table
 
 from bench import tracking
 from bench.errors import BenchError
-from bench.paths import read_result, run_dir
+from bench.paths import read_result, result_ok, run_dir
 from bench.plan import Cell, run_status
 
 
@@ -258,16 +258,11 @@ def log_to_parent(tracker: tracking.Tracker, spec, cells: list[Cell], home: Path
 def _name_child_runs(tracker: tracking.Tracker, spec, cells: list[Cell], home: Path) -> None:
     if not tracker.enabled:
         return
-    from mlflow.exceptions import MlflowException
-
     for c in cells:
         path = c.directory(home) / "result.json"
-        if c.is_start or not path.exists():
+        if c.is_start or not result_ok(path):
             continue
-        run_id = json.loads(path.read_text()).get("mlflow_run_id")
+        run_id = read_result(path).get("mlflow_run_id")
         if not run_id:
             continue
-        try:
-            tracker._client.set_tag(run_id, "mlflow.runName", child_run_name(spec, c))
-        except MlflowException:  # an imported cell (`bench import`): its run is in another store
-            pass
+        tracker.rename_run(run_id, child_run_name(spec, c))

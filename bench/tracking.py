@@ -155,6 +155,19 @@ class Tracker:
                 self._client.set_tag(self.run_id, k, v)
 
     @_tolerant
+    def rename_run(self, run_id: str, name: str) -> bool:
+        """Rename another run of this store (a table's child cell); False when the store has no such
+        run (a cell imported with `bench import` was tracked elsewhere)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_run(run_id)
+        except MlflowException:
+            return False
+        self._client.set_tag(run_id, "mlflow.runName", name)
+        return True
+
+    @_tolerant
     def log_artifact(self, path: Path) -> None:
         if self.enabled and self.run_id:
             self._client.log_artifact(self.run_id, str(path))

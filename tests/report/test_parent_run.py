@@ -100,3 +100,15 @@ def test_a_cell_whose_run_is_in_another_store_is_left_alone(tmp_path, monkeypatc
     report(spec, cells, home, tmp_path / "results", "demo", "bench run mini.yaml", tracker=tracker)
     tracker.end("FINISHED")
     assert json.loads((cells[-1].directory(home) / "result.json").read_text())["mlflow_run_id"]
+
+
+def test_renaming_a_run_of_another_store_is_refused_quietly(tmp_path):
+    """A cell imported with `bench import` carries a run id of the store it was trained in."""
+    from bench.tracking import Tracker
+
+    tracker = Tracker(tmp_path)
+    own = tracker.start("cell", tags={}, params={})
+    assert tracker.rename_run("0" * 32, "UBteacher 5% seed 1") is False
+    assert tracker.enabled  # a missing run does not turn tracking off
+    assert tracker.rename_run(own, "UBteacher 5% seed 1") is True
+    assert tracker._client.get_run(own).info.run_name == "UBteacher 5% seed 1"
