@@ -542,11 +542,16 @@ def data_check(path: Path = typer.Argument(..., help="A COCO JSON file, a COCO r
 
 @config_app.command("show")
 def config_show(preset: str = typer.Option("demo", help="Preset name."),
+                method: str = typer.Option("supervised", help="Method whose protocol (the preset's "
+                                           "method_defaults) is shown."),
                 overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides.")):
-    """Print the validated configuration of a preset (with overrides)."""
+    """Print the validated configuration of a preset for one method (with overrides)."""
+    from adapters.registry import METHOD_MODULES
     from bench.config import dump_config, load_config
 
-    console.print(dump_config(load_config(preset, overrides or [])), markup=False, highlight=False)
+    if method not in METHOD_MODULES:
+        raise BenchError(f"unknown method '{method}'; known methods: {', '.join(METHOD_MODULES)}")
+    console.print(dump_config(load_config(preset, overrides or [], method=method)), markup=False, highlight=False)
 
 
 app.add_typer(study_app, name="study")

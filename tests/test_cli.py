@@ -30,6 +30,11 @@ def test_config_show_prints_the_validated_preset(tmp_path):
     out = bench("config", "show", "--preset", "demo", "lsm.enabled=true", home=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "enabled: true" in out.stdout and "arch: mobilenet_v2_fpn" in out.stdout
+    # a method's protocol: the preset's method_defaults for it (Soft Teacher's EMA on coco)
+    out = bench("config", "show", "--preset", "coco", "--method", "softteacher", home=tmp_path)
+    assert out.returncode == 0 and "method: softteacher" in out.stdout and "ema_keep_rate: 0.999" in out.stdout
+    out = bench("config", "show", "--method", "softteachr", home=tmp_path)
+    assert out.returncode == 2 and "unknown method 'softteachr'" in out.stderr
 
 
 def test_plan_status_report_on_partial_results(tmp_path):
