@@ -83,7 +83,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
     env = {"BENCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
     for args, message in ((["figure", "samples", "--preset", "forest"], "run `bench run forest --seeds 1` first"),
-                          (["figure", "fig9"], "figures: fig1, fig4, pl-quality, figure5, samples")):
+                          (["figure", "fig9"], "figures: fig1, fig4, pl-quality, figure5, deltas, samples")):
         out = subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
                              timeout=120)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
