@@ -30,6 +30,7 @@ from tests.adapters.test_faster_rcnn import tiny_cfg
 from tests.adapters.test_ubteacher import _first_batch
 from tests.conftest import TINY
 from tests.test_worker import StopAfter
+from tests.adapters.teacher_proposals import count_teacher_proposals, with_teacher_proposals
 
 st = importlib.import_module("adapters.softteacher")
 
@@ -210,19 +211,8 @@ def _adapter(cfg, data, t=0.06, **lsm):
 def test_teacher_proposals_follow_the_train_time_rpn_settings(setting, mode, expected):
     """The original's teacher proposes with its train-time `rpn_proposal` counts (`semi.teacher_proposals`)."""
     cfg, data = setting
-    model = cfg.model.model_copy(update={"rpn_pre_nms_top_n_train": 400, "rpn_post_nms_top_n_train": 37,
-                                         "rpn_pre_nms_top_n_test": 400, "rpn_post_nms_top_n_test": 11})
-    cfg = cfg.model_copy(update={"model": model, "semi": cfg.semi.model_copy(update={"teacher_proposals": mode})})
-    cfg, adapter = _adapter(cfg, data)
-    counts = []
-    rpn_forward = adapter.teacher.rpn.forward
-
-    def counting(*args, **kwargs):
-        boxes, losses = rpn_forward(*args, **kwargs)
-        counts.extend(len(b) for b in boxes)
-        return boxes, losses
-
-    adapter.teacher.rpn.forward = counting
+    cfg, adapter = _adapter(with_teacher_proposals(cfg, mode), data)
+    counts = count_teacher_proposals(adapter)
     adapter.pseudo_label([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)])
     assert counts == [expected, expected]
 

@@ -10,6 +10,7 @@ from bench.config import load_config
 from bench.data.sources import prepare_data
 from bench.errors import BenchError
 from bench.worker import batch_stream, seed_everything
+from tests.adapters.teacher_proposals import count_teacher_proposals, with_teacher_proposals
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +49,8 @@ def test_teacher_proposals_follow_the_train_time_rpn_settings(setting, mode, exp
     """The original's teacher proposes with the RPN's train-time top-n (its RPN stays in training
     mode) while its RoI head runs inference; `semi.teacher_proposals=test` is a plain detection pass."""
     cfg, data = setting
-    model = cfg.model.model_copy(update={"rpn_pre_nms_top_n_train": 400, "rpn_post_nms_top_n_train": 37,
-                                         "rpn_pre_nms_top_n_test": 400, "rpn_post_nms_top_n_test": 11})
-    cfg = cfg.model_copy(update={"model": model, "semi": cfg.semi.model_copy(update={"teacher_proposals": mode})})
-    cfg, adapter = _adapter(cfg, data)
-    counts = []
-    rpn_forward = adapter.teacher.rpn.forward
-
-    def counting(*args, **kwargs):
-        boxes, losses = rpn_forward(*args, **kwargs)
-        counts.extend(len(b) for b in boxes)
-        return boxes, losses
-
-    adapter.teacher.rpn.forward = counting
+    cfg, adapter = _adapter(with_teacher_proposals(cfg, mode), data)
+    counts = count_teacher_proposals(adapter)
     batch = _first_batch(cfg, adapter, data)
     out = adapter.training_step(cfg.semi.burn_in, batch)
     assert counts == [expected] * cfg.solver.ims_per_batch_unlabeled  # the untrained RPN keeps > 37 after NMS
