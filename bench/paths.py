@@ -64,10 +64,14 @@ def read_result(path: Path) -> dict:
     return r
 
 
+def done_result(path: Path) -> dict | None:
+    """The result of a done cell, or None when `path` is missing or unreadable (not done)."""
+    try:
+        return read_result(path)
+    except CorruptFile:
+        return None
+
+
 def result_ok(path: Path) -> bool:
     """A readable result.json: the cell is done."""
-    try:
-        read_result(path)
-        return True
-    except CorruptFile:
-        return False
+    return done_result(path) is not None

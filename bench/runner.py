@@ -17,7 +17,7 @@ from rich.table import Table
 
 from bench import tracking
 from bench.errors import BenchError
-from bench.paths import read_result, result_ok, run_dir
+from bench.paths import done_result, read_result, run_dir
 from bench.plan import Cell, run_status
 
 
@@ -259,10 +259,6 @@ def _name_child_runs(tracker: tracking.Tracker, spec, cells: list[Cell], home: P
     if not tracker.enabled:
         return
     for c in cells:
-        path = c.directory(home) / "result.json"
-        if c.is_start or not result_ok(path):
-            continue
-        run_id = read_result(path).get("mlflow_run_id")
-        if not run_id:
-            continue
-        tracker.rename_run(run_id, child_run_name(spec, c))
+        result = None if c.is_start else done_result(c.directory(home) / "result.json")
+        if result and result.get("mlflow_run_id"):
+            tracker.rename_run(result["mlflow_run_id"], child_run_name(spec, c))

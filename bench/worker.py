@@ -38,7 +38,7 @@ from bench.data.transforms import AugConfig
 from bench.evaluate import evaluate_coco, evaluate_voc, teacher_diagnostics
 from bench.errors import BenchError
 from bench.keys import cell_key
-from bench.paths import result_ok, run_dir
+from bench.paths import done_result, read_result, result_ok, run_dir
 from bench.teacher import attach_pseudo_labels, teacher_config
 
 
@@ -173,8 +173,9 @@ def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_ru
     key = cell_key(cfg, data)
     rdir = run_dir(home, key)
     result_path = rdir / "result.json"
-    if distributed.broadcast_object(result_ok(result_path)):  # an unreadable one is not done: trained again
-        return json.loads(result_path.read_text())
+    # an unreadable result is not done: the cell is trained again
+    if distributed.broadcast_object((cached := done_result(result_path)) is not None):
+        return cached if cached is not None else read_result(result_path)
     rdir.mkdir(parents=True, exist_ok=True)
     # One process per cell: a second one (e.g. a rerun while an orphaned worker of a killed
     # orchestrator still trains) waits here, then finds the result. The OS drops the lock when
@@ -183,8 +184,8 @@ def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_ru
     if lock is not None:
         fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        if distributed.broadcast_object(result_ok(result_path)):
-            return json.loads(result_path.read_text())
+        if distributed.broadcast_object((cached := done_result(result_path)) is not None):
+            return cached if cached is not None else read_result(result_path)
         return _train_cell(cfg, home, data, key, rdir, track, progress, parent_run_id, extra_hooks)
     finally:
         if lock is not None:
