@@ -1,4 +1,4 @@
-"""The Adapter interface and the method registry.
+"""The Adapter interface and the registry of adapter classes.
 
 An adapter is one SSOD method: it owns its models (student, and teacher where the method has one)
 and its `training_step`, which returns the named, already-weighted loss terms of the method's
@@ -7,7 +7,6 @@ equations. The engine sums them and steps; everything else is hooks.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -15,9 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from bench.errors import BenchError
-
-from adapters.registry import METHOD_MODULES, PLANNED_METHODS  # noqa: F401  (names used by get_adapter)
+from core.methods import import_adapter_module
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
 
@@ -32,13 +29,7 @@ def register(name: str):
 
 
 def get_adapter(name: str) -> type["Adapter"]:
-    if name in PLANNED_METHODS:
-        raise BenchError(
-            f"method '{name}' is not implemented yet; implemented methods: {', '.join(METHOD_MODULES)}"
-        )
-    if name not in METHOD_MODULES:
-        raise BenchError(f"unknown method '{name}'; known methods: {', '.join(METHOD_MODULES)}")
-    importlib.import_module(METHOD_MODULES[name])
+    import_adapter_module(name)  # unknown names: a BenchError listing the known ones
     return ADAPTERS[name]
 
 

@@ -45,7 +45,7 @@ from adapters.models.deformable_detr import (
     param_groups,
 )
 from adapters.stac import PseudoLabels, boxes_into_view
-from bench.errors import BenchError
+from core.errors import BenchError
 
 
 def attach_aux_classifier(model: DeformableDETR) -> None:

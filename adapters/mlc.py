@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
-from bench.config import MLCConfig
+from core.config import MLCConfig
 
 # The four losses of the shared detector's `train_forward`.
 DETECTOR_TERMS = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg")

@@ -46,8 +46,8 @@ from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads,
                                          pool_by_level)
 from adapters.softteacher import (SoftTeacherEMAHook, map_boxes, map_pseudo_labels, select, student_view,
                                   teacher_and_student_views)
-from bench.config import SoftTeacherConfig
-from bench.data.transforms import View
+from core.config import SoftTeacherConfig
+from core.data.transforms import View
 
 # Salt of the student-view random stream (Soft Teacher's is 104_729; the loader's seed and seed + 7919).
 STUDENT_VIEW_SALT = 130_363

@@ -22,7 +22,7 @@ With LSM, the RoIs of pseudo-boxes scored in (alpha, t] weigh 0 in L_cls^soft (`
 The data pipeline's views share one geometry (bench/worker.py builds `weak` and a photometric
 `strong` copy of it), so the student view is built here from the original image: its own
 resize + flip, one geometric op (translate / rotate / shear, recorded in its matrix) and the strong
-photometric recipe of bench/data/transforms.py. docs/softteacher.md lists every difference.
+photometric recipe of core/data/transforms.py. docs/softteacher.md lists every difference.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from adapters.engine.ema import ema_update
 from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
 from adapters.lsm import uncertain_marks, uncertain_rois
 from adapters.models.faster_rcnn import FasterRCNN, TrainForward
-from bench.config import SoftTeacherConfig
-from bench.data.coco import load_image
-from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, View, random_geometric,
+from core.config import SoftTeacherConfig
+from core.data.coco import load_image
+from core.data.transforms import (ViewSettings, HorizontalFlip, ResizeShortestEdge, View, random_geometric,
                                    relative_matrix, strong_photometric, transform_boxes)
 
 # Salt of the student-view random stream (the loader's streams use seed and seed + 7919).
@@ -64,7 +64,7 @@ def student_view(record, aug, st: SoftTeacherConfig, rng: np.random.Generator, p
         m = g @ m
     pixels = TF.pil_to_tensor(img).float().div_(255.0)
     if photometric:
-        pixels = strong_photometric(pixels, rng, AugConfig())
+        pixels = strong_photometric(pixels, rng, ViewSettings())
     keep = ~record.iscrowd
     boxes = clip_boxes(torch.from_numpy(transform_boxes(record.boxes[keep].astype(np.float64), m)).float(),
                        (img.size[1], img.size[0]))

@@ -36,13 +36,13 @@ from adapters.base import Adapter, StepOutput, batch_to_device, register
 from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
 from adapters.lsm import main_cls_loss, uncertain_rois
 from adapters.stac_augment import stac_view
-from bench.data.transforms import View, transform_boxes
-from bench.data.types import DetectionDataset
-from bench.errors import BenchError
+from core.data.transforms import View, transform_boxes
+from core.data.types import DetectionDataset
+from core.errors import BenchError
 
 # File name of the stage-2 artifact inside the teacher's cell directory.
 PSEUDO_LABEL_FILE = "pseudo_labels.json"
-# Boxes narrower than this in a view are dropped (bench/data/transforms.AugConfig.min_box_size).
+# Boxes narrower than this in a view are dropped (core/data/transforms.ViewSettings.min_box_size).
 MIN_BOX_SIZE = 1e-5
 # Salt of the strong-view random stream (the loader's streams use seed and seed + 7919).
 STRONG_VIEW_SALT = 130_363

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from bench.data.coco import load_image
-from bench.data.transforms import (FILL, AugConfig, ResizeShortestEdge, View, boxes_in_view, random_geometric,
+from core.data.coco import load_image
+from core.data.transforms import (FILL, ViewSettings, ResizeShortestEdge, View, boxes_in_view, random_geometric,
                                    to_tensor, transform_boxes)
 
 COLOR_OPS = ("Identity", "AutoContrast", "Equalize", "Solarize", "Color", "Contrast", "Brightness",
@@ -101,6 +101,6 @@ def stac_view(record, short_sizes: tuple[int, ...], max_size: int, pseudo_boxes:
     m = g @ m
     keep = ~record.iscrowd
     gt, labels, n_bad = boxes_in_view(record.boxes[keep], record.labels[keep], m, img.size[0], img.size[1],
-                                      AugConfig.min_box_size)
+                                      ViewSettings.min_box_size)
     return View(image=to_tensor(img), boxes=gt, labels=labels, matrix=m, dropped_crowd=int(record.iscrowd.sum()),
                 dropped_degenerate=n_bad)

@@ -15,7 +15,7 @@ import json
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 FILES = ("config.yaml", "result.json", "metrics.jsonl")
 MANIFEST = "lsm-bench-cells.json"

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters import registry
-from bench.config import EvalConfig, LSMConfig, MLCConfig, PsecoConfig, RunConfig, SemiConfig, SoftTeacherConfig
-
-# PseCo settings that change its supervised training (the RoI classifier's loss); a burn-in keeps them.
-PSECO_SUPERVISED = ("sigmoid_focal", "focal_gamma", "focal_alpha", "cls_loss_weight")
+from core.config import EvalConfig, LSMConfig, MLCConfig, RunConfig, SemiConfig
+from core.methods import method_sections, method_spec, upstream
 
 CHECKPOINT = "burn_in.pth"
 # Parameters a cell may add on top of the burn-in model (LSM's F_aux).
@@ -28,17 +25,19 @@ NEW_PARAMETER_PREFIXES = ("roi_heads.aux_cls_score.",)
 
 def burn_in_config(cfg: RunConfig) -> RunConfig | None:
     """The burn-in cell `cfg` starts from, or None when its method has no shareable burn-in."""
-    if cfg.stage != "full" or cfg.semi.burn_in == 0 or cfg.method not in registry.SHARES_BURN_IN:
+    if upstream(cfg) != "burn_in" or cfg.semi.burn_in == 0:
         return None
     dump = cfg.model_dump()
     dump["solver"]["eval_period"] = 0  # evaluating changes no weights: burn-ins are shared across it too
-    pseco = PsecoConfig(**{k: dump["pseco"][k] for k in PSECO_SUPERVISED})
+    sections = {s: {} for s in method_sections()}  # method settings back to their defaults...
+    if (own := method_spec(cfg.method)).section:  # ...but those that shape supervised training
+        sections[own.section] = {k: dump[own.section][k] for k in own.burn_in_keeps}
     return RunConfig.model_validate({
         **dump, "stage": "burn_in", "lsm": LSMConfig().model_dump(), "mlc": MLCConfig().model_dump(),
         "semi": SemiConfig(burn_in=cfg.semi.burn_in).model_dump(),
         # the data's size bins stay (the burn-in's own evaluation uses them); the rest trains nothing
         "eval": EvalConfig(area_scale=cfg.eval.area_scale).model_dump(),
-        "softteacher": SoftTeacherConfig().model_dump(), "pseco": pseco.model_dump(),
+        **sections,
     })
 
 

@@ -29,10 +29,10 @@ from bench.cli_common import (
     parse_ratios,
     resolve_home,
 )
-from bench.errors import BenchError
-from bench.study_cli import FIGURES, OUT_OPT, STORAGE_OPT, study_app
-from bench.study_cli import figure as figure_cmd
-from bench.study_cli import ui as ui_cmd
+from core.errors import BenchError
+from studies.cli import FIGURES, OUT_OPT, STORAGE_OPT, study_app
+from studies.cli import figure as figure_cmd
+from studies.cli import ui as ui_cmd
 
 app = typer.Typer(help="lsm-bench: semi-supervised object detection benchmark (LSM, IJCAI 2023).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -52,7 +52,7 @@ err_console = Console(stderr=True)
 def train(
     ctx: typer.Context,
     method: str = typer.Option("supervised", help="Method: supervised, ubteacher, softteacher, pseco, stac, ddetr."),
-    preset: str = typer.Option("demo", help="Preset in bench/presets (demo, demo_long, forest, coco, coco_additional, "
+    preset: str = typer.Option("demo", help="Preset in core/presets (demo, demo_long, forest, coco, coco_additional, "
                                "voc, coco_imagenet)."),
     ratio: Optional[float] = typer.Option(None, help="Percent of training images that keep their labels."),
     seed: Optional[int] = typer.Option(None, help="Training seed (the split is chosen by data.fold)."),
@@ -66,7 +66,7 @@ def train(
 
     Extra arguments are config overrides, e.g. `solver.max_iter=500 lsm.alpha=0.4`.
     """
-    from bench.config import load_config
+    from core.config import load_config
     from bench.worker import run_cell
 
     overrides = check_overrides(list(ctx.args))
@@ -99,7 +99,7 @@ def _print_result(result: dict) -> None:
 
 def _plan(table: str, preset: Optional[str], seeds: int, ratios: Optional[str], overrides: list[str], home: Path):
     """(spec, cells, notes, preset): without --preset, the spec's own preset (forest), else demo."""
-    from bench.config import load_config
+    from core.config import load_config
     from bench.plan import build_plan
     from bench.specs import load_spec
 
@@ -344,7 +344,7 @@ def status(home: Optional[Path] = HOME_OPT):
 
     from rich.markup import escape
 
-    from bench.paths import CorruptFile, read_result
+    from core.paths import CorruptFile, read_result
     from bench.plan import run_status
 
     home = resolve_home(home)
@@ -427,11 +427,11 @@ def eval_cmd(
     import yaml
 
     from adapters.base import get_adapter
-    from bench.config import RunConfig
-    from bench.data.sources import prepare_data
+    from core.config import RunConfig
+    from core.data.sources import prepare_data
     from bench.worker import evaluate_models, resolve_device
 
-    from bench.paths import find_run_dir
+    from core.paths import find_run_dir
 
     rdir = find_run_dir(run, resolve_home(home))
     weights = rdir / "model_final.pth"
@@ -456,7 +456,7 @@ def data_synth(
     split: str = typer.Option("train", help="Split name (file and folder names)."),
 ):
     """Generate the synthetic detection data set (COCO JSON + PNG), deterministic from the seed."""
-    from bench.data import synth
+    from core.data import synth
 
     path = synth.generate(out, images, seed, image_size=image_size, split_name=split)
     console.print(f"wrote {path}", markup=False, highlight=False)
@@ -474,9 +474,9 @@ def data_split(
     home: Optional[Path] = HOME_OPT,
 ):
     """Write a split manifest: labeled / unlabeled image ids and a sha256."""
-    from bench.config import DataConfig
-    from bench.data import splits
-    from bench.data.sources import prepare_data
+    from core.config import DataConfig
+    from core.data import splits
+    from core.data.sources import prepare_data
 
     if dataset == "voc":
         raise BenchError("VOC's split is fixed (07 trainval labeled, 12 trainval unlabeled); nothing to generate")
@@ -515,7 +515,7 @@ def data_fetch(
     if name != "forest":
         raise BenchError(f"unknown data set '{name}' to fetch; known: forest (the synthetic set is generated on "
                          "first use; for COCO and VOC pass data.root)")
-    from bench.data import forest
+    from core.data import forest
 
     forest.fetch_forest(resolve_home(home), wheel, force, log=lambda s: console.print(s, markup=False, highlight=False))
 
@@ -528,7 +528,7 @@ def data_check(path: Path = typer.Argument(..., help="A COCO JSON file, a COCO r
                                                 "preset's eval.area_scale (the demo's 128 px images: 0.2).")):
     """Validate a data set and print a summary (boxes per class, size fractions, problems); exit 2 if
     it lists problems (missing or undecodable images, size mismatches, classes without boxes)."""
-    from bench.data.check import check_path, format_summary
+    from core.data.check import check_path, format_summary
 
     summaries = check_path(path, image_dir=image_dir, area_scale=area_scale)
     for summary in summaries:
@@ -546,11 +546,10 @@ def config_show(preset: str = typer.Option("demo", help="Preset name."),
                                            "method_defaults) is shown."),
                 overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides.")):
     """Print the validated configuration of a preset for one method (with overrides)."""
-    from adapters.registry import METHOD_MODULES
-    from bench.config import dump_config, load_config
+    from core.config import dump_config, load_config
+    from core.methods import method_spec
 
-    if method not in METHOD_MODULES:
-        raise BenchError(f"unknown method '{method}'; known methods: {', '.join(METHOD_MODULES)}")
+    method_spec(method)  # an unknown name: one line listing the known ones
     console.print(dump_config(load_config(preset, overrides or [], method=method)), markup=False, highlight=False)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 
 def _home_path(value: str) -> Path:
@@ -26,7 +26,7 @@ HOME_OPT = typer.Option(None, "--home", parser=_home_path, help="Working store (
 
 
 def resolve_home(home: Optional[Path]) -> Path:
-    from bench.paths import bench_home
+    from core.paths import bench_home
 
     return home.resolve() if home else bench_home()
 

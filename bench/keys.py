@@ -1,7 +1,7 @@
 """Cell keys: the sha256 of everything that changes a cell's result.
 
 Config (device and logging excluded, `RunConfig.key_dict`), the split manifest's hash, the data
-hash and the method's code version. Bump a method's version when a code change alters its
+hash and the method's code version (core/methods.py). Bump a method's version when a code change alters its
 results (the detector's version when shared code does): old cells then get new keys instead of
 being reused.
 """
@@ -11,12 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-# ubteacher 2: F_aux no longer draws from the global RNG (LSM runs change).
-# stac 2: STAC's own strong augmentation instead of Unbiased Teacher's.
-# ubteacher 3, softteacher 2, pseco 2: the teacher proposes with the RPN's train-time top-n
-# (`semi.teacher_proposals`, default train), as the originals.
-# ddetr 2: the box head's w/h bias starts at -2 (the official initialisation).
-CODE_VERSION = {"supervised": 1, "ubteacher": 3, "stac": 2, "softteacher": 2, "pseco": 2, "ddetr": 2}
+from core.methods import METHODS
+
 # The detector code shared by every method. 2: frozen BN folded into the convs, channels-last
 # trunk (float rounding). 3: RoIAlign as one weighted gather over all levels, NMS in float64 with
 # the levels (classes) offset, 1x1 convolutions as matrix products (float rounding; same draws).
@@ -31,12 +27,12 @@ LSM_VERSION = 4
 
 
 def cell_key(cfg, data) -> str:
-    """`cfg`: a RunConfig; `data`: its SemiData (bench/data/sources.py)."""
+    """`cfg`: a RunConfig; `data`: its SemiData (core/data/sources.py)."""
     payload = {
         "config": cfg.key_dict(),
         "split": data.manifest.sha256,
         "data": data.manifest.data_hash,
-        "code": CODE_VERSION.get(cfg.method, 1),
+        "code": METHODS[cfg.method].code_version if cfg.method in METHODS else 1,
         "detector": DETECTOR_VERSION,
     }
     if cfg.lsm.enabled:

@@ -12,11 +12,11 @@ import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import registry
 from bench.burn_in import burn_in_config
-from bench.config import RunConfig, load_config, preset_planning, preset_table_ratios
-from bench.data.sources import prepare_data
-from bench.paths import read_result, result_ok, run_dir
+from core.config import RunConfig, load_config, preset_planning, preset_table_ratios
+from core.methods import upstream
+from core.data.sources import prepare_data
+from core.paths import read_result, result_ok, run_dir
 from bench.keys import cell_key
 from bench.teacher import teacher_config
 
@@ -55,7 +55,7 @@ class Cell:
 
     @property
     def starts_after_burn_in(self) -> bool:
-        return self.depends_on is not None and self.config.method in registry.SHARES_BURN_IN
+        return self.depends_on is not None and upstream(self.config) == "burn_in"
 
     @property
     def work(self) -> int:

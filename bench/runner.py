@@ -16,8 +16,8 @@ from rich.live import Live
 from rich.table import Table
 
 from bench import tracking
-from bench.errors import BenchError
-from bench.paths import done_result, read_result, run_dir
+from core.errors import BenchError
+from core.paths import done_result, read_result, run_dir
 from bench.plan import Cell, run_status
 
 

@@ -31,14 +31,14 @@ from adapters.engine.solver import build_optimizer, build_scheduler
 from adapters.engine.trainer import StopTraining, Trainer
 from bench import burn_in, tracking
 from bench.burn_in import burn_in_config
-from bench.config import RunConfig, dump_config
-from bench.data.loader import make_loader
-from bench.data.sources import SemiData, prepare_data
-from bench.data.transforms import AugConfig
-from bench.evaluate import evaluate_coco, evaluate_voc, teacher_diagnostics
-from bench.errors import BenchError
+from core.config import RunConfig, dump_config
+from core.data.loader import make_loader
+from core.data.sources import SemiData, prepare_data
+from core.data.transforms import view_settings
+from core.evaluate import evaluate_coco, evaluate_voc, teacher_diagnostics
+from core.errors import BenchError
 from bench.keys import cell_key
-from bench.paths import done_result, read_result, result_ok, run_dir
+from core.paths import done_result, read_result, result_ok, run_dir
 from bench.teacher import attach_pseudo_labels, teacher_config
 
 
@@ -66,20 +66,15 @@ def atomic_write_json(path: Path, obj) -> None:
     fsync_directory(path.parent)
 
 
-def aug_config(cfg: RunConfig, strong: bool) -> AugConfig:
-    a = cfg.data.aug
-    return AugConfig(short_sizes=tuple(a.short_sizes), max_size=a.max_size, flip_prob=a.flip_prob,
-                     strong=strong, test_size=a.test_size)
-
 
 def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
     """{"labeled": items, "unlabeled": items} per iteration; a pure function of (seed, iteration).
 
     Unlabeled items are None before `adapter.unlabeled_start()` (burn-in reads no unlabeled images).
-    Under DDP each rank gets its slice of the global batch (bench/data/loader.py)."""
+    Under DDP each rank gets its slice of the global batch (core/data/loader.py)."""
     s = cfg.solver
     strong = "strong" in adapter.labeled_views + adapter.unlabeled_views
-    aug = aug_config(cfg, strong)
+    aug = view_settings(cfg.data.aug, strong)
     part = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     labeled = make_loader(data.labeled, aug, adapter.labeled_views, s.ims_per_batch_labeled,
                           seed=cfg.seed, start_iter=start_iter, max_iter=s.max_iter, num_workers=cfg.data.num_workers,
@@ -106,10 +101,10 @@ BURN_IN_THRESHOLDS = {f"{v:g}": v for v in (0.3, 0.5, 0.7, 0.9)}
 def evaluate_models(adapter, data: SemiData, cfg: RunConfig, device, models: dict | None = None,
                     thresholds: dict[str, float] | None = None) -> dict[str, dict]:
     """COCO metrics of `models` (default: every model the adapter names, teacher first for
-    mean-teacher methods), each with its teacher diagnostics at semi.t and lsm.alpha (bench/evaluate.py): how good a teacher it
+    mean-teacher methods), each with its teacher diagnostics at semi.t and lsm.alpha (core/evaluate.py): how good a teacher it
     is or would be, for every method, supervised included (its config carries the preset's t and alpha)."""
     out = {}
-    test_aug = aug_config(cfg, strong=False)
+    test_aug = view_settings(cfg.data.aug, False)
     thresholds = thresholds or {"t": cfg.semi.t, "alpha": cfg.lsm.alpha}
     for name, model in (models or adapter.eval_models()).items():
         dets = run_inference(model, data.val, test_aug, device, batch_size=cfg.solver.ims_per_batch_labeled)
@@ -232,12 +227,12 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
                                        if isinstance(m, torch.nn.Module)])
         if distributed.rank() > 0 and not own_rng:  # its own RoI/anchor sampling stream
             seed_everything(distributed.rank_seed(cfg.seed))
-    if teacher_config(cfg) is not None:  # STAC: pseudo-labels from its supervised teacher cell
-        if distributed.is_distributed():  # every rank trains the teacher cell if it is not done
-            run_cell(teacher_config(cfg), home, track=track, progress=progress, parent_run_id=parent_run_id)
+    if (tcfg := teacher_config(cfg)) is not None:  # STAC: pseudo-labels from its supervised teacher cell
+        # the runner schedules the teacher first; `bench train --method stac` trains it here (every rank)
+        run_cell(tcfg, home, track=track, progress=progress, parent_run_id=parent_run_id)
+        tdir = run_dir(home, cell_key(tcfg, data))
         # rank 0 writes the pseudo-label file, the others read it
-        distributed.main_first(lambda: attach_pseudo_labels(adapter, cfg, home, data, device, track=track,
-                                                            progress=progress, parent_run_id=parent_run_id))
+        distributed.main_first(lambda: attach_pseudo_labels(adapter, tcfg, tdir, data, device))
     trainer.iter = trainer.start_iter
     trainer.data = batch_stream(cfg, adapter, data, trainer.start_iter)
 

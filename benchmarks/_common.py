@@ -52,10 +52,10 @@ def build(method: str, preset: str, lsm: bool, device: str, home: Path, override
     from adapters.base import get_adapter
     from bench import burn_in
     from bench.burn_in import burn_in_config
-    from bench.config import load_config
-    from bench.data.sources import prepare_data
+    from core.config import load_config
+    from core.data.sources import prepare_data
     from bench.keys import cell_key
-    from bench.paths import run_dir
+    from core.paths import run_dir
     from bench.teacher import attach_pseudo_labels, teacher_config
     from bench.worker import batch_stream, run_cell, seed_everything
 

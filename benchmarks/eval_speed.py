@@ -1,4 +1,4 @@
-"""Time ``bench.evaluate.evaluate_coco`` with faster-coco-eval and with pycocotools.
+"""Time ``core.evaluate.evaluate_coco`` with faster-coco-eval and with pycocotools.
 
 A synthetic COCO-like ground truth (~7 boxes per image over 80 classes with COCO's non-contiguous
 ids and skewed class frequencies; about 41% small, 34% medium, 24% large boxes; 1% crowd) and
@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from bench.data.types import DetectionDataset, ImageRecord  # noqa: E402
-from bench.evaluate import evaluate_coco  # noqa: E402
+from core.data.types import DetectionDataset, ImageRecord  # noqa: E402
+from core.evaluate import evaluate_coco  # noqa: E402
 
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
 DETS_PER_IMAGE = 100

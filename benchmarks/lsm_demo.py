@@ -15,8 +15,8 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 
-from bench.config import load_config
-from bench.paths import bench_home
+from core.config import load_config
+from core.paths import bench_home
 from bench.worker import run_cell
 
 VARIANTS = {

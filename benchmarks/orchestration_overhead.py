@@ -35,8 +35,8 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 
 from rich.console import Console
 
-from bench.config import load_config
-from bench.data.sources import prepare_data
+from core.config import load_config
+from core.data.sources import prepare_data
 from bench.keys import cell_key
 from bench.plan import Cell
 from bench.runner import run_cells

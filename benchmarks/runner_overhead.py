@@ -24,8 +24,8 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 
-from bench.config import dump_config, load_config
-from bench.data.sources import prepare_data
+from core.config import dump_config, load_config
+from core.data.sources import prepare_data
 from bench.executors.local import LocalExecutor
 from bench.keys import cell_key
 from bench.plan import Cell

@@ -53,7 +53,7 @@ def worker(args) -> None:
                     "start": start, "num_classes": adapter.num_classes}, state_file)
     else:  # the old tree: the new tree's settings, weights and batch (its own presets and data may differ)
         from adapters.base import get_adapter
-        from bench.config import RunConfig, load_config
+        from core.config import RunConfig, load_config
 
         saved = torch.load(state_file, map_location="cpu", weights_only=False)
         own = load_config(args.preset, [f"device={args.device}"], method=method).model_dump(mode="json")

@@ -22,8 +22,8 @@ from adapters.base import get_adapter
 from adapters.engine.hooks import MetricsWriter
 from adapters.engine.solver import build_optimizer, build_scheduler
 from adapters.engine.trainer import Trainer
-from bench.config import load_config
-from bench.data.sources import prepare_data
+from core.config import load_config
+from core.data.sources import prepare_data
 from bench.tracking import Tracker
 from bench.worker import batch_stream, seed_everything
 

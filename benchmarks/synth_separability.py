@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 from PIL import Image, ImageFilter
 
-from bench.data import synth
+from core.data import synth
 
 WINDOW = 16
 

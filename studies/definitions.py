@@ -23,8 +23,8 @@ from pathlib import Path
 
 import optuna
 
-from bench.config import RunConfig, load_config
-from bench.errors import BenchError
+from core.config import RunConfig, load_config
+from core.errors import BenchError
 
 KINDS = ("figure5", "table5", "tune")
 FIGURE5_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -165,7 +165,7 @@ def study_ratio(preset: str, overrides: list[str], home: Path, ratio: float | No
     """The labeled ratio of the ablation studies: the paper's 1% (None), `ratio` when given, else on a
     preset whose 1% split has too few labels to compare anything (bench/plan.py's rule: 1% of a small
     synthetic set) the smallest of STUDY_RATIOS that has enough, with a note saying so."""
-    from bench.data.sources import prepare_data
+    from core.data.sources import prepare_data
     from bench.plan import MIN_LABELED_PER_CLASS, too_few_labels
 
     if ratio is not None:

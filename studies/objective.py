@@ -17,8 +17,8 @@ import optuna
 
 from adapters.engine.hooks import HookBase
 from adapters.engine.trainer import StopTraining
-from bench.data.sources import prepare_data
-from bench.paths import run_dir
+from core.data.sources import prepare_data
+from core.paths import run_dir
 from bench.burn_in import burn_in_config
 from bench.keys import cell_key
 from bench.worker import run_cell

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from studies.definitions import StudyDef
 from studies.mlflow_callback import RUN_ATTR, MLflowStudyCallback
 from studies.objective import WORKER_ATTR, objective, process_token, token_alive

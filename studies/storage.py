@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 JOURNAL = "optuna/journal.log"
 # A trial whose worker has not beaten for GRACE_S seconds is stale (RDB storages only).

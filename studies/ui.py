@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import tracking
-from bench.errors import BenchError
+from core.errors import BenchError
 from studies.storage import default_url
 
 HOST = "127.0.0.1"

@@ -8,7 +8,7 @@ from tests.test_cli import bench
 
 
 def _one_done_cell(home):
-    from bench.config import load_config
+    from core.config import load_config
     from bench.worker import run_cell
     from tests.conftest import TINY
 

@@ -10,9 +10,9 @@ from adapters.engine.checkpoint import load_named_training_state, named_training
 from adapters.engine.solver import build_optimizer, build_scheduler
 from adapters.lsm import attach_aux_classifier
 from bench.burn_in import burn_in_config
-from bench.config import load_config
-from bench.data.sources import prepare_data
-from bench.paths import run_dir
+from core.config import load_config
+from core.data.sources import prepare_data
+from core.paths import run_dir
 from bench.keys import cell_key
 from bench.worker import run_cell
 
@@ -113,7 +113,7 @@ def test_burn_in_key_differs_from_the_full_cells(tmp_path, tiny):
 
 def test_planning_a_table_does_not_import_torch():
     """`bench plan` and a fully cached `bench run` stay fast: keys, burn-in configs and specs come
-    from plain data (adapters/registry.py, bench/keys.py), not from the adapters' modules."""
+    from plain data (core/methods.py, bench/keys.py), not from the adapters' modules."""
     import subprocess
     import sys
 

@@ -40,7 +40,7 @@ def test_config_show_prints_the_validated_preset(tmp_path):
 def test_plan_status_report_on_partial_results(tmp_path):
     """Half a table done: `plan` shows done / pending, `status` lists the runs, `report` builds the
     table from what is done and marks the rest, and none of them trains anything."""
-    from bench.config import load_config
+    from core.config import load_config
     from bench.worker import run_cell
     from tests.conftest import TINY
     from tests.test_runner import MINI
@@ -76,7 +76,7 @@ def test_ctrl_c_exits_130_with_the_resume_hint(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sys, "argv", ["bench", "config", "show"])
-    monkeypatch.setattr("bench.config.load_config", interrupted)
+    monkeypatch.setattr("core.config.load_config", interrupted)
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 130
@@ -105,7 +105,7 @@ def test_a_commands_exit_code_reaches_the_shell(monkeypatch):
         raise typer.Exit(1)
 
     monkeypatch.setattr(sys, "argv", ["bench", "config", "show"])
-    monkeypatch.setattr("bench.config.load_config", failed_cells)
+    monkeypatch.setattr("core.config.load_config", failed_cells)
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 1

@@ -1,7 +1,7 @@
 import pytest
 
-from bench.config import load_config, parse_overrides, with_overrides
-from bench.errors import BenchError
+from core.config import load_config, parse_overrides, with_overrides
+from core.errors import BenchError
 
 
 def test_overrides_are_parsed_as_yaml_and_validated():

@@ -17,8 +17,8 @@ from torchvision.models.detection import _utils as det_utils
 
 from adapters.engine.hooks import HookBase
 from adapters.engine.trainer import StopTraining
-from bench.config import load_config
-from bench.errors import BenchError
+from core.config import load_config
+from core.errors import BenchError
 from bench.worker import run_cell
 from tests.conftest import TINY
 from tests.test_worker import StopAfter
@@ -100,7 +100,7 @@ def _rank_main(rank: int, world: int, ports: list[int], root: str) -> None:
     """One rank: every scenario, recording what it wrote, raised and trained."""
     from adapters.engine import distributed
     from bench import tracking, worker
-    from bench.data import splits, synth
+    from core.data import splits, synth
 
     torch.set_num_threads(1)
     root = Path(root)
@@ -151,7 +151,7 @@ def _rank_main(rank: int, world: int, ports: list[int], root: str) -> None:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             det_utils.BalancedPositiveNegativeSampler.__call__ = sampler_call
-    from bench.data.sources import prepare_data
+    from core.data.sources import prepare_data
 
     out["split_sha256"] = prepare_data(load_config("demo", TINY).data, root / "a").manifest.sha256
     out["writes"] = writes
@@ -276,7 +276,7 @@ def test_a_global_batch_not_divisible_by_the_processes_is_one_line_error(ddp):
 
 
 def test_ranks_read_disjoint_slices_whose_union_is_the_global_batch():
-    from bench.data.loader import IterationBatchSampler
+    from core.data.loader import IterationBatchSampler
 
     one = list(IterationBatchSampler(10, 4, 3, 2, 7))  # crosses an epoch boundary (10 images)
     parts = [list(IterationBatchSampler(10, 4, 3, 2, 7, rank=r, world_size=2)) for r in range(2)]
@@ -324,7 +324,7 @@ def test_a_ddp_job_ends_with_its_first_failing_rank_and_stops_the_others(tmp_pat
 
 
 def test_local_executor_runs_a_cell_as_two_processes(tmp_path, tiny):
-    from bench.data.sources import prepare_data
+    from core.data.sources import prepare_data
     from bench.executors.local import LocalExecutor
     from bench.keys import cell_key
     from bench.plan import Cell

@@ -37,7 +37,7 @@ def fake_done(cell, home, ap=30.0):
     """A finished cell's result.json without training it (the report only reads this file)."""
     d = cell.directory(home)
     d.mkdir(parents=True, exist_ok=True)
-    from bench.config import dump_config
+    from core.config import dump_config
 
     (d / "config.yaml").write_text(dump_config(cell.config))
     result = {"key": cell.key, "method": cell.config.method, "lsm": cell.config.lsm.enabled, "preset": "demo",
@@ -194,7 +194,7 @@ def test_a_corrupt_result_is_named_counted_as_not_done_and_cleaned(tmp_path, mon
 
 def test_a_cell_with_a_corrupt_result_trains_again_to_the_same_result(tmp_path, tiny):
     """The worker reads an unreadable result.json as not done (it used to return json.loads of it)."""
-    from bench.config import load_config
+    from core.config import load_config
     from bench.worker import run_cell
 
     cfg = load_config("demo", tiny, method="supervised")
@@ -215,7 +215,7 @@ def test_a_truncated_last_checkpoint_resumes_from_the_one_before(tmp_path, tiny,
     import torch
 
     from adapters.engine.trainer import StopTraining
-    from bench.config import load_config
+    from core.config import load_config
     from bench.worker import run_cell
     from tests.test_worker import StopAfter, _assert_same_states, _final_state
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bench.data.coco import load_coco
-from bench.errors import BenchError
+from core.data.coco import load_coco
+from core.errors import BenchError
 from tests.conftest import TINY
 from tests.test_errors import cli, one_line
 

@@ -24,7 +24,7 @@ def test_a_tracking_outage_does_not_fail_the_cell(tmp_path, tiny, monkeypatch, c
     import mlflow
 
     import bench.tracking
-    from bench.config import load_config
+    from core.config import load_config
     from bench.worker import run_cell
 
     cfg = load_config("demo", tiny, method="supervised")

@@ -1,4 +1,4 @@
-"""bench.evaluate: backend parity, hand-computed COCO and VOC values, errors."""
+"""core.evaluate: backend parity, hand-computed COCO and VOC values, errors."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data.types import DetectionDataset, ImageRecord
-from bench.errors import BenchError
-from bench.evaluate import COCO_STATS, _coco_gt_dict, evaluate_coco, evaluate_voc, teacher_diagnostics, voc_iou
+from core.data.types import DetectionDataset, ImageRecord
+from core.errors import BenchError
+from core.evaluate import COCO_STATS, _coco_gt_dict, evaluate_coco, evaluate_voc, teacher_diagnostics, voc_iou
 
 # Non-contiguous ids, deliberately not sorted; the last class has no GT at all.
 CATEGORIES = [{"id": i, "name": f"cls{i}"} for i in (12, 3, 41, 7, 90)]

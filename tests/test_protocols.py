@@ -8,7 +8,7 @@ here by name.
 
 import pytest
 
-from bench.config import load_config
+from core.config import load_config
 from bench.teacher import teacher_config
 
 REAL_PRESETS = ("coco", "coco_additional", "coco_imagenet", "voc")

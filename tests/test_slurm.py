@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.plan import build_plan
 from bench.specs import load_spec_file
 

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from bench.burn_in import burn_in_config
-from bench.config import load_config
-from bench.data.sources import prepare_data
+from core.config import load_config
+from core.data.sources import prepare_data
 from bench.keys import cell_key
-from bench.paths import run_dir
+from core.paths import run_dir
 from bench.plan import build_plan
 from bench.specs import load_spec_file
 from bench.teacher import teacher_config

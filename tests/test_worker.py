@@ -7,7 +7,7 @@ import torch
 
 from adapters.engine.hooks import HookBase
 from adapters.engine.trainer import StopTraining
-from bench.config import load_config
+from core.config import load_config
 from bench.worker import run_cell
 
 

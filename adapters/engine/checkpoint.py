@@ -2,7 +2,7 @@
 
 A checkpoint holds every module, the optimizer, the LR scheduler, the adapter's extra state and
 every RNG state (python, numpy, torch CPU and CUDA). The data stream needs no state: the batch of
-iteration i is a pure function of (seed, i) (bench/data/loader.py), so resuming at i+1 only needs i.
+iteration i is a pure function of (seed, i) (core/data/loader.py), so resuming at i+1 only needs i.
 Files are written to a temporary name, fsynced and renamed, so a kill never leaves a truncated
 checkpoint; one truncated anyway (a full disk, a copy cut short) is skipped for the newest whole one.
 

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 T = TypeVar("T")
 

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.data.loader import ViewDataset
-from bench.data.transforms import transform_boxes
-from bench.data.types import DetectionDataset
+from core.data.loader import ViewDataset
+from core.data.transforms import transform_boxes
+from core.data.types import DetectionDataset
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from adapters.models.frozen_bn import fold_frozen_batchnorm, use_pointwise_convs
-from bench.errors import BenchError
+from core.errors import BenchError
 
 # FPN feature names produced by the backbone, and the pyramid level each one is.
 FEATURE_NAMES = ["p2", "p3", "p4", "p5", "p6"]

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.executors import worker_argv, write_cell_config
 
 _CONTEXT = None

@@ -36,7 +36,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.executors import worker_argv, write_cell_config
 
 # squeue states of a job that has not ended (a requeued job passes through REQUEUED/PREEMPTED)

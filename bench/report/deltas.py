@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.report.tables import paired_deltas
 from bench.specs import ArtifactSpec
 

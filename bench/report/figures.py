@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.errors import BenchError  # noqa: E402
+from core.errors import BenchError  # noqa: E402
 
 CURVE_LABELS = {"ubteacher": "UBteacher (threshold t)", "ubteacher_lsm": "UBteacher + LSM (threshold α)"}
 CURVE_COLORS = {CURVE_LABELS["ubteacher"]: "tab:red", CURVE_LABELS["ubteacher_lsm"]: "tab:blue"}

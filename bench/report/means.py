@@ -13,7 +13,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.specs import ArtifactSpec
 
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from bench.errors import BenchError
-from bench.paths import find_run_dir
+from core.errors import BenchError
+from core.paths import find_run_dir
 
 
 def find_teacher_cell(home: Path, preset: str) -> Path:
@@ -44,11 +44,12 @@ def samples_figure(home: Path, preset: str, run: Optional[str], images: int, min
 
     from adapters.base import get_adapter
     from adapters.engine.inference import run_inference
-    from bench.config import RunConfig
-    from bench.data.coco import load_image
-    from bench.data.sources import prepare_data
+    from core.config import RunConfig
+    from core.data.coco import load_image
+    from core.data.sources import prepare_data
     from bench.report.figures import plot_samples, samples_frame, save
-    from bench.worker import aug_config, resolve_device
+    from core.data.transforms import view_settings
+    from bench.worker import resolve_device
 
     cfg = RunConfig.model_validate(yaml.safe_load((rdir / "config.yaml").read_text()))
     data = prepare_data(cfg.data, home)
@@ -63,7 +64,7 @@ def samples_figure(home: Path, preset: str, run: Optional[str], images: int, min
     model_name, model = next(iter(adapter.eval_models().items()))
     model.load_state_dict(state[model_name])
     subset = data.unlabeled.subset([r.id for r in picks])
-    dets = {d["image_id"]: d for d in run_inference(model, subset, aug_config(cfg, strong=False), device)}
+    dets = {d["image_id"]: d for d in run_inference(model, subset, view_settings(cfg.data.aug, False), device)}
     samples = []
     for r in subset.records:
         d = dets[r.id]

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.specs import ArtifactSpec, RowSpec
 
 ID_COLUMNS = ("row_id", "column_id", "seed")

@@ -27,7 +27,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 SPEC_DIR = Path(__file__).parent
 KNOWN_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -168,10 +168,10 @@ class ArtifactSpec(_Frozen):
 
     def row_status(self, row: RowSpec | str) -> Literal["implemented", "paper-only"]:
         """implemented: the method has an adapter and the row needs nothing else we lack."""
-        from adapters.registry import METHOD_MODULES
+        from core.methods import METHODS
 
         r = self._r(row)
-        return "implemented" if r.method in METHOD_MODULES and not r.paper_only else "paper-only"
+        return "implemented" if r.method in METHODS and not r.paper_only else "paper-only"
 
     def in_artifact(self, row: RowSpec | str, column: ColumnSpec | str) -> bool:
         r, c = self._r(row), self._c(column)
@@ -194,7 +194,7 @@ class ArtifactSpec(_Frozen):
         return out
 
     def cell_override_args(self, row: RowSpec | str, column: ColumnSpec | str) -> list[str]:
-        """`cell_overrides` as `key=value` strings for `bench.config.load_config`."""
+        """`cell_overrides` as `key=value` strings for `core.config.load_config`."""
         return [f"{k}={_yaml_value(v)}" for k, v in self.cell_overrides(row, column).items()]
 
     def cell_variant(self, row: RowSpec | str, column: ColumnSpec | str) -> str:
@@ -221,9 +221,9 @@ class ArtifactSpec(_Frozen):
 
 
 def _implemented() -> list[str]:
-    from adapters.registry import METHOD_MODULES
+    from core.methods import METHODS
 
-    return list(METHOD_MODULES)
+    return list(METHODS)
 
 
 def known_methods() -> list[str]:

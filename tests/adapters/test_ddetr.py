@@ -14,9 +14,9 @@ import adapters.models.deformable_detr as dd
 from adapters.base import get_adapter
 from adapters.engine.solver import build_optimizer
 from adapters.stac import PseudoLabels
-from bench.config import load_config
-from bench.data.transforms import View
-from bench.errors import BenchError
+from core.config import load_config
+from core.data.transforms import View
+from core.errors import BenchError
 from bench.teacher import teacher_config
 
 TINY_DDETR = ["device=cpu", "ddetr.backbone=tiny", "ddetr.backbone_weights=none", "ddetr.trainable_layers=5",

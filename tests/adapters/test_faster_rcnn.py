@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adapters.models.faster_rcnn import build_backbone, build_faster_rcnn, focal_ce_loss, pool_by_level, roi_levels
-from bench.config import ModelConfig
-from bench.errors import BenchError
+from core.config import ModelConfig
+from core.errors import BenchError
 
 
 def tiny_cfg(**kw):

@@ -10,7 +10,7 @@ from adapters.engine.mean_teacher import filter_pseudo_labels
 from adapters.lsm import (attach_aux_classifier, downsample, kl_aux_to_main, main_cls_loss, sd_mask, shifted_features,
                          uncertain_marks, uncertain_rois)
 from adapters.models.faster_rcnn import RoIHeads, build_faster_rcnn, pool_by_level, roi_levels
-from bench.config import ModelConfig
+from core.config import ModelConfig
 from tests.adapters.test_faster_rcnn import tiny_cfg
 
 
@@ -197,7 +197,7 @@ def test_pim_groups_share_one_pass_and_keep_their_own_losses():
     """The labeled and unlabeled groups share the head pass (and the half-size backbone pass when
     their batches have one size); each group's losses and their gradients equal those of the group
     computed alone."""
-    from bench.config import LSMConfig
+    from core.config import LSMConfig
     from adapters.lsm import PIM
 
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def test_pim_step_uses_the_configured_classification_loss(kind):
     that have a shifted source, / all RoIs sampled."""
     from adapters.lsm import PIM
     from adapters.models.faster_rcnn import focal_ce_loss
-    from bench.config import LSMConfig
+    from core.config import LSMConfig
 
     torch.manual_seed(0)
     cfg = tiny_cfg(cls_loss="focal")

@@ -7,7 +7,7 @@ import torch
 
 from adapters import mlc
 from adapters.models.faster_rcnn import build_faster_rcnn
-from bench.config import MLCConfig
+from core.config import MLCConfig
 from tests.adapters.test_faster_rcnn import tiny_cfg
 
 ON = MLCConfig(enabled=True)
@@ -60,7 +60,7 @@ def test_loss_is_zero_when_the_small_view_predicts_the_scaled_pseudo_boxes():
 
 
 def test_disabled_by_default_and_part_of_the_cell_key_only_when_enabled():
-    from bench.config import load_config
+    from core.config import load_config
 
     off, on = load_config("demo"), load_config("demo", ["mlc.enabled=true"])
     assert off.mlc == MLCConfig() and not off.mlc.enabled and off.mlc.scale == 0.5

@@ -1,7 +1,5 @@
 """PseCo (+ LSM, + MLC): PLA, PCV, the MSL level shift and the sigmoid focal head on hand-checkable
 cases, then the training step on the tiny configuration.
-
-`pseco` is not in adapters/registry.py METHOD_MODULES yet: the adapter class is built directly.
 """
 
 import math
@@ -11,10 +9,10 @@ import torch
 
 from adapters import pseco as pc
 from adapters.engine.checkpoint import rng_state, set_rng_state
-from bench.config import MLCConfig
+from core.config import MLCConfig
 from adapters.models.faster_rcnn import RoISamples, build_faster_rcnn
-from bench.config import PsecoConfig, load_config
-from bench.data.sources import prepare_data
+from core.config import PsecoConfig, load_config
+from core.data.sources import prepare_data
 from bench.worker import batch_stream, seed_everything
 from tests.adapters.test_faster_rcnn import tiny_cfg
 from tests.conftest import TINY

@@ -1,7 +1,4 @@
-"""Soft Teacher (+ LSM) on hand-checkable cases and the tiny configuration.
-
-Until adapters/registry.py lists `softteacher` in METHOD_MODULES, the `registered` fixture adds it.
-"""
+"""Soft Teacher (+ LSM) on hand-checkable cases and the tiny configuration."""
 
 import importlib
 import json
@@ -15,16 +12,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import adapters.base as base
-from adapters import registry
 from adapters.engine.checkpoint import rng_state, set_rng_state
 from adapters.engine.trainer import StopTraining
 from adapters.models.faster_rcnn import build_faster_rcnn
 from bench.burn_in import burn_in_config
-from bench.config import SoftTeacherConfig, load_config
-from bench.data.sources import prepare_data
-from bench.data.transforms import relative_matrix, transform_boxes
-from bench.data.types import ImageRecord
-from bench.paths import run_dir
+from core.config import SoftTeacherConfig, load_config
+from core.data.sources import prepare_data
+from core.data.transforms import relative_matrix, transform_boxes
+from core.data.types import ImageRecord
+from core.paths import run_dir
 from bench.worker import batch_stream, run_cell, seed_everything
 from tests.adapters.test_faster_rcnn import tiny_cfg
 from tests.adapters.test_ubteacher import _first_batch
@@ -38,13 +34,6 @@ st = importlib.import_module("adapters.softteacher")
 LOW = SoftTeacherConfig(initial_score_thr=0.05, rpn_thr=0.05, reg_unc_thr=1.0)
 # canonical_scale 8 puts the tiny images' RoIs on P3+, where PIM has a shifted source.
 TINY_ST = TINY + ["model.canonical_scale=8"]
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setitem(base.METHOD_MODULES, "softteacher", "adapters.softteacher")
-    monkeypatch.setattr(base, "PLANNED_METHODS", tuple(m for m in base.PLANNED_METHODS if m != "softteacher"))
-    monkeypatch.setattr(registry, "SHARES_BURN_IN", registry.SHARES_BURN_IN | {"softteacher"})
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -309,7 +298,7 @@ def _assert_same(a, b):
             assert torch.equal(v, b[model][k]), (model, k)
 
 
-def test_resumed_run_equals_uninterrupted_run_with_lsm(tmp_path, registered, monkeypatch):
+def test_resumed_run_equals_uninterrupted_run_with_lsm(tmp_path, monkeypatch):
     cfg = _e2e_config(monkeypatch)
     full = run_cell(cfg, tmp_path / "a", track=False, progress=False)
     with pytest.raises(StopTraining):
@@ -326,7 +315,7 @@ def test_resumed_run_equals_uninterrupted_run_with_lsm(tmp_path, registered, mon
             "eval.teacher.AP", "eval.student.AP"} <= logged
 
 
-def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_path, registered, monkeypatch):
+def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_path, monkeypatch):
     """Soft Teacher + LSM from the burn-in cell (trained without LSM) = trained alone."""
     cfg = _e2e_config(monkeypatch)
     alone = run_cell(cfg, tmp_path / "a", track=False, progress=False)
@@ -339,7 +328,7 @@ def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_
 
 @pytest.mark.parametrize("method", ["softteacher", "pseco", "stac"])
 def test_naive_large_area_is_a_ubt_variant_only(tiny, method):
-    from bench.errors import BenchError
+    from core.errors import BenchError
 
     with pytest.raises(BenchError, match=f"not defined for {method}; set lsm.naive_large_area=false"):
         load_config("demo", tiny + ["lsm.naive_large_area=true"], method=method)

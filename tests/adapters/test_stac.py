@@ -1,6 +1,4 @@
 """STAC (+ LSM): the top-box rule, the pseudo-label file, and the student's step on the tiny config.
-
-`stac` is not in adapters/registry.py METHOD_MODULES yet, so the adapter is built directly.
 """
 
 import json
@@ -16,11 +14,11 @@ from adapters.engine.checkpoint import rng_state, set_rng_state
 from adapters.engine.inference import run_inference
 from adapters.lsm import PIM
 from adapters.models.faster_rcnn import build_faster_rcnn
-from bench.config import StacConfig, load_config
-from bench.data.sources import prepare_data
-from bench.data.transforms import AugConfig, View
-from bench.data.types import DetectionDataset, ImageRecord
-from bench.errors import BenchError
+from core.config import StacConfig, load_config
+from core.data.sources import prepare_data
+from core.data.transforms import ViewSettings, View
+from core.data.types import DetectionDataset, ImageRecord
+from core.errors import BenchError
 from bench.worker import batch_stream, seed_everything
 from tests.conftest import TINY
 
@@ -188,7 +186,7 @@ def test_generated_file_holds_every_teacher_detection_of_every_unlabeled_image(s
     cfg, data = setting
     torch.manual_seed(0)
     teacher = build_faster_rcnn(cfg.model, data.num_classes)  # untrained: scores ~ 1/11 > 0.05
-    aug = AugConfig(short_sizes=(64,), max_size=96, flip_prob=0.5, strong=False, test_size=64)
+    aug = ViewSettings(short_sizes=(64,), max_size=96, flip_prob=0.5, strong=False, test_size=64)
     unlabeled = data.unlabeled.subset([r.id for r in data.unlabeled.records[:6]])
     path = tmp_path / stac.PSEUDO_LABEL_FILE
     pl = stac.ensure_pseudo_labels(path, teacher, unlabeled, aug, torch.device("cpu"), batch_size=6)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from adapters.stac_augment import COLOR_OPS, color_op, cutout, in_box_affine, strong_augment
-from bench.data.transforms import FILL
+from core.data.transforms import FILL
 
 
 def _flat(value: int, size=(8, 8)) -> Image.Image:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.data.check import check_dataset, format_summary
-from bench.data.coco import load_coco, load_image, to_coco_dict
-from bench.errors import BenchError
+from core.data.check import check_dataset, format_summary
+from core.data.coco import load_coco, load_image, to_coco_dict
+from core.errors import BenchError
 
 CATS = [{"id": 1, "name": "a"}, {"id": 7, "name": "b"}]
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.config import DataConfig, load_config
-from bench.data import forest, splits
-from bench.data.coco import load_coco, to_coco_dict
-from bench.data.sources import prepare_data
-from bench.errors import BenchError
+from core.config import DataConfig, load_config
+from core.data import forest, splits
+from core.data.coco import load_coco, to_coco_dict
+from core.data.sources import prepare_data
+from core.errors import BenchError
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data.coco import load_coco
-from bench.data.loader import IterationBatchSampler, collate_views, make_loader, sample_indices
-from bench.data.synth import generate
-from bench.data.transforms import AugConfig
-from bench.errors import BenchError
+from core.data.coco import load_coco
+from core.data.loader import IterationBatchSampler, collate_views, make_loader, sample_indices
+from core.data.synth import generate
+from core.data.transforms import ViewSettings
+from core.errors import BenchError
 
 
 def test_sample_indices_is_a_pure_epoch_stream():
@@ -31,7 +31,7 @@ def small_ds(tmp_path_factory):
     return load_coco(path, out / "images" / "train")
 
 
-CFG = AugConfig(short_sizes=(40, 48, 56), max_size=100, flip_prob=0.5)
+CFG = ViewSettings(short_sizes=(40, 48, 56), max_size=100, flip_prob=0.5)
 
 
 def _flat(batches):

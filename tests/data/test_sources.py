@@ -2,10 +2,10 @@
 
 import pytest
 
-from bench.config import DataConfig, SynthConfig
-from bench.data import splits
-from bench.data.sources import prepare_data
-from bench.errors import BenchError
+from core.config import DataConfig, SynthConfig
+from core.data import splits
+from core.data.sources import prepare_data
+from core.errors import BenchError
 
 
 def _cfg(**kw):

@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.data.coco import load_coco
-from bench.data.splits import (SplitManifest, check_manifest, dataset_hash, image_folder_dataset, import_stac,
+from core.data.coco import load_coco
+from core.data.splits import (SplitManifest, check_manifest, dataset_hash, image_folder_dataset, import_stac,
                                import_ubteacher, make_setting_split, make_split, parse_stac_name)
-from bench.data.types import DetectionDataset, ImageRecord
-from bench.errors import BenchError
+from core.data.types import DetectionDataset, ImageRecord
+from core.errors import BenchError
 
 
 def toy(n=100, start=1000, step=7, name="toy") -> DetectionDataset:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.data.coco import load_coco
-from bench.data import synth
-from bench.data.synth import CATEGORIES, MIN_OBJECT_EXTENT, SIZE_BOUNDS, SIZE_MIX, ensure_demo_data, generate
+from core.data.coco import load_coco
+from core.data import synth
+from core.data.synth import CATEGORIES, MIN_OBJECT_EXTENT, SIZE_BOUNDS, SIZE_MIX, ensure_demo_data, generate
 
 
 @pytest.fixture(scope="module")

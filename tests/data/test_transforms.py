@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data.transforms import (AugConfig, HorizontalFlip, ResizeShortestEdge, _blur_kernel, make_views,
+from core.data.transforms import (ViewSettings, HorizontalFlip, ResizeShortestEdge, _blur_kernel, make_views,
                                    relative_matrix, strong_photometric, transform_boxes)
-from bench.data.types import ImageRecord
-from bench.errors import BenchError
+from core.data.types import ImageRecord
+from core.errors import BenchError
 
 
 def record(w, h, boxes, crowd=None):
@@ -22,7 +22,7 @@ def image(w, h, seed=0):
 
 
 def test_resize_shortest_edge_maps_boxes():
-    cfg = AugConfig(short_sizes=(25,), max_size=1000, flip_prob=0.0)
+    cfg = ViewSettings(short_sizes=(25,), max_size=1000, flip_prob=0.0)
     v = make_views(image(100, 50), record(100, 50, [[10, 10, 30, 20]]), np.random.default_rng(0), cfg, ("weak",))["weak"]
     assert tuple(v.image.shape) == (3, 25, 50)
     assert v.boxes.tolist() == [[5.0, 5.0, 15.0, 10.0]]
@@ -33,7 +33,7 @@ def test_resize_shortest_edge_maps_boxes():
 
 
 def test_flip_maps_boxes():
-    cfg = AugConfig(short_sizes=(50,), max_size=1000, flip_prob=1.0)
+    cfg = ViewSettings(short_sizes=(50,), max_size=1000, flip_prob=1.0)
     img = image(100, 50)
     v = make_views(img, record(100, 50, [[10, 5, 30, 15]]), np.random.default_rng(0), cfg, ("weak",))["weak"]
     assert v.boxes.tolist() == [[70.0, 5.0, 90.0, 15.0]]
@@ -50,7 +50,7 @@ def test_transform_boxes_affine_and_relative_matrix():
     out = transform_boxes(torch.tensor([[10.0, 5, 30, 15]]), flip)
     assert isinstance(out, torch.Tensor) and out.tolist() == [[70.0, 5.0, 90.0, 15.0]]
     # two independently augmented views: boxes of one map onto the other through relative_matrix
-    cfg = AugConfig(short_sizes=(40, 60, 80), max_size=1000, flip_prob=0.5, independent_strong=True, strong=False)
+    cfg = ViewSettings(short_sizes=(40, 60, 80), max_size=1000, flip_prob=0.5, independent_strong=True, strong=False)
     rec = record(100, 50, [[10, 5, 30, 15], [50, 20, 90, 45]])
     for seed in range(6):
         views = make_views(image(100, 50), rec, np.random.default_rng(seed), cfg)
@@ -61,7 +61,7 @@ def test_transform_boxes_affine_and_relative_matrix():
 
 
 def test_strong_view_is_pixel_aligned():
-    cfg = AugConfig(short_sizes=(64,), max_size=1000, flip_prob=0.5)
+    cfg = ViewSettings(short_sizes=(64,), max_size=1000, flip_prob=0.5)
     rec = record(96, 64, [[10, 10, 40, 30], [50, 5, 90, 60]])
     differs = 0
     for seed in range(5):
@@ -76,7 +76,7 @@ def test_strong_view_is_pixel_aligned():
 
 
 def test_determinism():
-    cfg = AugConfig(short_sizes=(48, 56, 64), max_size=1000)
+    cfg = ViewSettings(short_sizes=(48, 56, 64), max_size=1000)
     rec = record(80, 60, [[10, 10, 40, 30]])
 
     def run(seed):
@@ -93,14 +93,14 @@ def test_determinism():
 
 
 def test_test_view_fixed_size_no_flip():
-    cfg = AugConfig(short_sizes=(10,), max_size=1000, flip_prob=1.0, test_size=30)
+    cfg = ViewSettings(short_sizes=(10,), max_size=1000, flip_prob=1.0, test_size=30)
     v = make_views(image(60, 40), record(60, 40, [[6, 4, 12, 8]]), np.random.default_rng(0), cfg, ("test",))["test"]
     assert tuple(v.image.shape) == (3, 30, 45)
     np.testing.assert_allclose(v.boxes.numpy(), [[4.5, 3, 9, 6]])
 
 
 def test_crowd_and_degenerate_boxes_dropped():
-    cfg = AugConfig(short_sizes=(50,), max_size=1000, flip_prob=0.0, min_box_size=0.5)
+    cfg = ViewSettings(short_sizes=(50,), max_size=1000, flip_prob=0.0, min_box_size=0.5)
     rec = record(100, 100, [[10, 10, 20, 20], [30, 30, 50, 50], [60, 60, 60.8, 70]], crowd=[False, True, False])
     v = make_views(image(100, 100), rec, np.random.default_rng(0), cfg, ("weak", "strong"))
     for name in ("weak", "strong"):
@@ -118,6 +118,6 @@ def test_tiny_images_and_blur_kernel():
 
 def test_size_mismatch_and_unknown_view():
     with pytest.raises(BenchError, match=r"image 1 \(x\.png\) is 50x40 but its annotation says 60x40"):
-        make_views(image(50, 40), record(60, 40, []), np.random.default_rng(0), AugConfig())
+        make_views(image(50, 40), record(60, 40, []), np.random.default_rng(0), ViewSettings())
     with pytest.raises(BenchError, match="unknown view name"):
-        make_views(image(60, 40), record(60, 40, []), np.random.default_rng(0), AugConfig(), ("weird",))
+        make_views(image(60, 40), record(60, 40, []), np.random.default_rng(0), ViewSettings(), ("weird",))

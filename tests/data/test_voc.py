@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.data.check import check_dataset
-from bench.data.coco import to_coco_dict
-from bench.data.voc import VOC_CLASSES, load_voc
-from bench.errors import BenchError
+from core.data.check import check_dataset
+from core.data.coco import to_coco_dict
+from core.data.voc import VOC_CLASSES, load_voc
+from core.errors import BenchError
 
 
 def _obj(name, box, difficult=0):

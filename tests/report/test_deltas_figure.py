@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.report.deltas import CSV_COLUMNS, deltas_frame, figure_size, plot_deltas
 from tests.report.fake_cells import mark_done, mini_by_size, plan
 

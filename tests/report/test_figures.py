@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data.types import DetectionDataset, ImageRecord
-from bench.errors import BenchError
+from core.data.types import DetectionDataset, ImageRecord
+from core.errors import BenchError
 from bench.report import figures
 
 

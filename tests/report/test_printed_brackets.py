@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from bench import study_cli
+from studies import cli as study_cli
 
 
 def _capture(monkeypatch) -> io.StringIO:

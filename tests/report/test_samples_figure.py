@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.report import figures
 from tests.data.test_forest import build_tiny
 
@@ -101,10 +101,10 @@ TINY_FOREST = [
 def _untrained_cell(tmp_path: Path, home: Path) -> Path:
     """A finished-looking ubteacher cell: config.yaml, result.json and untrained weights."""
     from adapters.base import get_adapter
-    from bench.config import dump_config, load_config
-    from bench.data.sources import prepare_data
+    from core.config import dump_config, load_config
+    from core.data.sources import prepare_data
     from bench.keys import cell_key
-    from bench.paths import run_dir
+    from core.paths import run_dir
 
     root = build_tiny(tmp_path)
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def _untrained_cell(tmp_path: Path, home: Path) -> Path:
 
 def test_samples_figure_of_an_untrained_teacher(tmp_path):
     from bench.report.samples import find_teacher_cell, samples_figure
-    from bench.config import DataConfig
+    from core.config import DataConfig
 
     home = tmp_path / "home"
     rdir = _untrained_cell(tmp_path, home)
@@ -135,7 +135,7 @@ def test_samples_figure_of_an_untrained_teacher(tmp_path):
     assert lines[0] == f"# command: {command}"
     df = pd.read_csv(io.StringIO("\n".join(lines[1:])))
     # two unlabeled tiles that have hidden ground truth, all of their boxes drawn
-    from bench.data.sources import prepare_data
+    from core.data.sources import prepare_data
 
     data = prepare_data(DataConfig(dataset="forest", root=str(tmp_path / "forest"), ratio=50), home)
     unlabeled = {Path(r.file).name: r for r in data.unlabeled.records}

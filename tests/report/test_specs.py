@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import METHOD_MODULES, PLANNED_METHODS
-from bench.config import load_config, parse_overrides
-from bench.errors import BenchError
+from core.methods import METHODS
+from core.config import load_config, parse_overrides
+from core.errors import BenchError
 from bench.paper import CSV_PATH, paper_value, paper_values
 from bench.specs import available_specs, load_spec, load_spec_file
 
@@ -99,10 +99,10 @@ def test_config_validation_refuses_a_bad_key():
 
 @pytest.mark.parametrize("name", SPECS)
 def test_lsm_flag_matches_the_lsm_override(name):
-    """Rows of our registry's methods say lsm.enabled explicitly, so a preset cannot flip them."""
+    """Rows of implemented methods say lsm.enabled explicitly, so a preset cannot flip them."""
     spec = load_spec(name)
     for row in spec.rows:
-        if row.method in (set(METHOD_MODULES) | set(PLANNED_METHODS)) - {"supervised"}:
+        if row.method in set(METHODS) - {"supervised"}:
             assert row.overrides.get("lsm.enabled") is row.lsm, row.id
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from bench.errors import BenchError
+from core.errors import BenchError
 from bench.report.tables import CSV_COLUMNS, aggregate, paired_deltas, render, write_all
 from bench.specs import ArtifactSpec, load_spec, load_spec_file
 
@@ -306,7 +306,7 @@ def test_area_scale_is_shown_in_the_header_and_under_every_table(spec, results):
 
 def test_table_header_reports_the_cells_area_scale(monkeypatch):
     from bench import runner
-    from bench.config import load_config
+    from core.config import load_config
     from bench.plan import Cell
 
     monkeypatch.setattr(runner.tracking, "git_sha", lambda: "0123abc")

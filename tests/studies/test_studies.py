@@ -12,8 +12,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from bench.errors import BenchError
-from bench.paths import run_dir
+from core.errors import BenchError
+from core.paths import run_dir
 from studies.definitions import figure5_defs, table5_def, tune_def
 from studies.mlflow_callback import MLflowStudyCallback
 from studies.objective import WORKER_ATTR, objective
@@ -39,7 +39,7 @@ def test_figure5_defs_share_cells_with_the_spec_and_drop_alpha_above_t(tiny):
     assert by_curve["ubteacher_lsm"].search_space() == {"alpha": [0.5], "seed": [1, 2]}
     assert notes == ["ubteacher_lsm: alpha 0.8 left out (alpha must not exceed t = 0.7)"]
     # the grid point 0.5 / seed 2 is the cell `bench run figure5` plans for (thr_0.5, seed 2)
-    from bench.config import load_config
+    from core.config import load_config
     from bench.specs import load_spec
     from studies.definitions import figure5_config
 
@@ -269,7 +269,7 @@ def test_continuing_a_study_with_other_settings_is_refused(tmp_path, tiny):
 
 def test_table5_study_writes_table5(tmp_path, tiny):
     from bench.report.tables import FORMATS
-    from bench.study_cli import write_table5
+    from studies.cli import write_table5
 
     defn = table5_def("demo", tiny, 1, ["baseline", "pim_p3p4"])
     study = run_study(defn, tmp_path, track=False, log=lambda *_: None)

@@ -4,8 +4,8 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from bench.errors import BenchError
-from bench.study_cli import figure, study_app
+from core.errors import BenchError
+from studies.cli import figure, study_app
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -52,7 +52,7 @@ def test_bad_input_is_one_bench_error(tmp_path, tiny):
 
 def test_ui_hint_keeps_the_extras_brackets(monkeypatch, tmp_path, capsys):
     """rich reads `[dashboard]` as a style tag unless escaped; the install hint must print it."""
-    import bench.study_cli as study_cli
+    import studies.cli as study_cli
     from studies import ui as ui_mod
 
     monkeypatch.setattr(ui_mod, "dashboard_available", lambda: False)

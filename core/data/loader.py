@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bench.data.coco import load_image
-from bench.data.transforms import AugConfig, View, make_views
-from bench.data.types import DetectionDataset
-from bench.errors import BenchError
+from core.data.coco import load_image
+from core.data.transforms import ViewSettings, View, make_views
+from core.data.types import DetectionDataset
+from core.errors import BenchError
 
 
 @lru_cache(maxsize=8)
@@ -54,7 +54,7 @@ def sample_indices(n: int, batch_size: int, seed: int, iteration: int) -> list[t
 class ViewDataset(Dataset):
     """Loads image ``index`` and builds its views with ``default_rng(aug_seed)``."""
 
-    def __init__(self, dataset: DetectionDataset, aug_cfg: AugConfig, views: tuple[str, ...] = ("weak", "strong")):
+    def __init__(self, dataset: DetectionDataset, aug_cfg: ViewSettings, views: tuple[str, ...] = ("weak", "strong")):
         self.dataset = dataset
         self.aug_cfg = aug_cfg
         self.views = tuple(views)
@@ -107,7 +107,7 @@ def list_collate(items: list[dict]) -> list[dict]:
     return items
 
 
-def make_loader(dataset: DetectionDataset, aug_cfg: AugConfig, views: tuple[str, ...], batch_size: int,
+def make_loader(dataset: DetectionDataset, aug_cfg: ViewSettings, views: tuple[str, ...], batch_size: int,
                 seed: int, start_iter: int, max_iter: int, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1) -> DataLoader:
     """DataLoader over iterations ``start_iter..max_iter-1`` (one batch per iteration; under DDP

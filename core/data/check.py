@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bench.data.coco import load_coco
-from bench.data.types import DetectionDataset
-from bench.data.voc import load_voc
-from bench.errors import BenchError
+from core.data.coco import load_coco
+from core.data.types import DetectionDataset
+from core.data.voc import load_voc
+from core.errors import BenchError
 
 SMALL, MEDIUM = 32.0, 96.0  # COCO's size bounds (sides of the area thresholds)
 _MAX_LISTED = 5

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bench.data.types import DetectionDataset, ImageRecord
-from bench.errors import BenchError
+from core.data.types import DetectionDataset, ImageRecord
+from core.errors import BenchError
 
 SETTINGS = ("coco_standard", "coco_additional", "voc", "coco_imagenet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

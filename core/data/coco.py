@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bench.data.types import DetectionDataset, ImageRecord
-from bench.errors import BenchError
+from core.data.types import DetectionDataset, ImageRecord
+from core.errors import BenchError
 
 _FIX_JSON = "fix the file or re-export it as COCO detection JSON"
 MAX_SIDE = 1 << 16  # pixels: larger sides are a unit or a typo, and overflow float32 box arithmetic
@@ -90,7 +90,7 @@ def _short(v: object) -> str:
 
 def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
               check_images: bool = True) -> DetectionDataset:
-    """Read a COCO detection JSON into the internal format (see ``bench.data.types``).
+    """Read a COCO detection JSON into the internal format (see ``core.data.types``).
 
     ``stats`` reports ``clipped_boxes``, ``computed_areas``, ``crowd``, ``images_without_boxes``,
     ``annotations``, and ``areas`` ({annotation id: area}) so ``to_coco_dict`` can round-trip areas.

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench.cli_common import HOME_OPT, invocation, resolve_home
-from bench.errors import BenchError
+from core.errors import BenchError
 
 study_app = typer.Typer(help="Optuna studies: Figure 5 thresholds, Table 5 PIM levels, joint tuning.",
                         no_args_is_help=True)
@@ -320,12 +320,13 @@ def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
     import torch
 
     from adapters.base import get_adapter
-    from bench.config import load_config
-    from bench.data.sources import prepare_data
-    from bench.paths import run_dir
+    from core.config import load_config
+    from core.data.sources import prepare_data
+    from core.paths import run_dir
     from bench.report.figures import iou_vs_area, plot_iou_vs_area, save
     from bench.keys import cell_key
-    from bench.worker import aug_config, resolve_device, run_cell
+    from core.data.transforms import view_settings
+    from bench.worker import resolve_device, run_cell
     from adapters.engine.inference import run_inference
 
     cfg = load_config(preset, overrides + [f"data.ratio={ratio:g}"], method="supervised", seed=1)
@@ -341,7 +342,7 @@ def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
     state = torch.load(rdir / "model_final.pth", map_location="cpu", weights_only=True)
     name, model = next(iter(adapter.eval_models().items()))
     model.load_state_dict(state[name])
-    dets = run_inference(model, data.val, aug_config(cfg, strong=False), device)
+    dets = run_inference(model, data.val, view_settings(cfg.data.aug, False), device)
     thresh = cfg.semi.t if score_thresh is None else score_thresh
     df = iou_vs_area(dets, data.val, thresh, cfg.eval.area_scale)
     fig = plot_iou_vs_area(df, thresh)

@@ -1,6 +1,6 @@
 """Run configuration: pydantic models, preset YAML files and `key=value` overrides.
 
-One source of defaults: a preset (``bench/presets/<name>.yaml``) is validated by `RunConfig`;
+One source of defaults: a preset (``core/presets/<name>.yaml``) is validated by `RunConfig`;
 command-line overrides go through the same validation, so a typo in a key or a value of the wrong
 type is refused by name instead of being silently ignored.
 """
@@ -22,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from bench.errors import BenchError
+from core.errors import BenchError
+from core.methods import METHODS, method_sections
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -266,9 +267,6 @@ class EvalConfig(_Strict):
     area_scale: float = Field(1.0, gt=0)
 
 
-METHOD_SECTIONS = ("softteacher", "stac", "pseco", "ddetr")
-
-
 class RunConfig(_Strict):
     method: str = "supervised"
     # burn_in: only the supervised burn-in of a mean-teacher method, a cell shared by every
@@ -294,7 +292,7 @@ class RunConfig(_Strict):
     def _check_thresholds(self) -> "RunConfig":
         if self.lsm.enabled and self.lsm.alpha > self.semi.t:
             raise ValueError(f"lsm.alpha ({self.lsm.alpha}) must not exceed semi.t ({self.semi.t})")
-        if self.lsm.naive_large_area and self.method != "ubteacher":
+        if self.lsm.naive_large_area and not (self.method in METHODS and METHODS[self.method].naive_large_area):
             raise ValueError(f"lsm.naive_large_area (Table 5's Unbiased Teacher variant) is not defined for "
                              f"{self.method}; set lsm.naive_large_area=false")
         if self.lsm.enabled and self.lsm.naive_large_area:
@@ -310,9 +308,9 @@ class RunConfig(_Strict):
         d["data"].pop("num_workers")
         if d["solver"]["optimizer"] == "sgd":  # added later: cells of the SGD methods keep their keys
             d["solver"].pop("optimizer")
-        for method in METHOD_SECTIONS:  # other methods' settings do not change this cell
-            if method != self.method:
-                d.pop(method)
+        own = METHODS[self.method].section if self.method in METHODS else None
+        for section in method_sections() - {own}:  # other methods' settings do not change this cell
+            d.pop(section)
         if not self.mlc.enabled:
             d.pop("mlc")
         if not self.lsm.enabled:  # added later and inert without LSM: other cells keep their keys

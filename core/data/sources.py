@@ -6,7 +6,7 @@ Each setting of the paper (README of shared/paper) maps to readers + a split man
 - voc: VOC2007 trainval labeled, VOC2012 trainval unlabeled, VOC2007 test for evaluation.
 - coco_imagenet: train2017 labeled; unlabeled = an image folder or a list file (`data.unlabeled`).
 The synthetic demo set behaves like coco_standard, and so does `forest` (DeepForest's aerial tiles,
-bench/data/forest.py: its train tiles are split by ratio, its val tiles are a held-out region).
+core/data/forest.py: its train tiles are split by ratio, its val tiles are a held-out region).
 Unlabeled images keep their hidden ground truth where the source has one (synthetic, forest, COCO
 train2017): training never reads it, the pseudo-label statistics (precision/recall by size) do.
 The manifest is written to BENCH_HOME/splits/ so the same labeled image ids are reused by every run
@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.data import coco, forest, splits, synth, voc
-from bench.data.types import DetectionDataset
-from bench.errors import BenchError
+from core.data import coco, forest, splits, synth, voc
+from core.data.types import DetectionDataset
+from core.errors import BenchError
 
 
 @dataclass

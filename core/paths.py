@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.errors import BenchError
+from core.errors import BenchError
 
 
 def bench_home() -> Path:

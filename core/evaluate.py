@@ -59,8 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data.types import DetectionDataset
-from bench.errors import BenchError
+from core.data.types import DetectionDataset
+from core.errors import BenchError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from bench.data.types import ImageRecord
-from bench.errors import BenchError
+from core.data.types import ImageRecord
+from core.errors import BenchError
 
 VIEW_NAMES = ("weak", "strong", "test")
 
@@ -38,7 +38,8 @@ class View:
 
 
 @dataclass
-class AugConfig:
+class ViewSettings:
+    """How the views of an image are made: the resolved form of a config's `data.aug` section."""
     short_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
     max_size: int = 1333
     flip_prob: float = 0.5
@@ -49,6 +50,12 @@ class AugConfig:
     erasing: tuple = field(default=((0.7, (0.05, 0.2), (0.3, 3.3)),
                                     (0.5, (0.02, 0.2), (0.1, 6.0)),
                                     (0.3, (0.02, 0.2), (0.05, 8.0))))
+
+
+def view_settings(aug, strong: bool) -> ViewSettings:
+    """`aug`: a config's `data.aug` section; `strong`: whether the strong view is augmented."""
+    return ViewSettings(short_sizes=tuple(aug.short_sizes), max_size=aug.max_size, flip_prob=aug.flip_prob,
+                        strong=strong, test_size=aug.test_size)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -165,7 +172,7 @@ def _blur_kernel(sigma: float, h: int, w: int) -> int:
     return max(1, k)
 
 
-def strong_photometric(img: torch.Tensor, rng: np.random.Generator, cfg: AugConfig | None = None) -> torch.Tensor:
+def strong_photometric(img: torch.Tensor, rng: np.random.Generator, cfg: ViewSettings | None = None) -> torch.Tensor:
     """Unbiased Teacher's strong augmentation on a [3,H,W] float tensor in [0,1]; no geometry.
 
     ColorJitter(0.4,0.4,0.4,0.1) p=0.8 in random op order (as torchvision), RandomGrayscale p=0.2,
@@ -173,7 +180,7 @@ def strong_photometric(img: torch.Tensor, rng: np.random.Generator, cfg: AugConf
     N(0,1) noise that ToPILImage's byte cast wraps into arbitrary bytes; uniform [0,1] noise keeps
     the same effect while honouring the [0,1] range.
     """
-    cfg = cfg or AugConfig()
+    cfg = cfg or ViewSettings()
     img = img.clone()
     if rng.random() < 0.8:
         order = rng.permutation(4)
@@ -232,7 +239,7 @@ def boxes_in_view(boxes: np.ndarray, labels: np.ndarray, m: np.ndarray, w: int, 
             torch.from_numpy(labels[keep].astype(np.int64)), int((~keep).sum()))
 
 
-def _geometry(image: Image.Image, rng: np.random.Generator | None, cfg: AugConfig, test: bool):
+def _geometry(image: Image.Image, rng: np.random.Generator | None, cfg: ViewSettings, test: bool):
     if test:
         return ResizeShortestEdge(cfg.test_size, cfg.max_size)(image, None)
     img, m = ResizeShortestEdge(cfg.short_sizes, cfg.max_size)(image, rng)
@@ -240,7 +247,7 @@ def _geometry(image: Image.Image, rng: np.random.Generator | None, cfg: AugConfi
     return img, f @ m
 
 
-def make_views(image: Image.Image, record: ImageRecord, rng: np.random.Generator, cfg: AugConfig,
+def make_views(image: Image.Image, record: ImageRecord, rng: np.random.Generator, cfg: ViewSettings,
                views: tuple[str, ...] = ("weak", "strong")) -> dict[str, View]:
     """The requested views of one image. Random draws happen in a fixed order (weak geometry,
     strong geometry if independent, strong photometric), so a view does not depend on which other

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.data.types import DetectionDataset, ImageRecord
-from bench.errors import BenchError
+from core.data.types import DetectionDataset, ImageRecord
+from core.errors import BenchError
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

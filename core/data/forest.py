@@ -15,14 +15,14 @@ size (column edges at ``i * W // n``), so every pixel is in exactly one tile, no
 400 px and none is a thin sliver (the 2299 x 2472 crop gives 42 tiles of 383 x 353 px). A box that
 crosses a tile border is clipped to the tile and kept when at least half of its area lies inside
 (``inside >= 0.5 * area``; a box cut exactly in half is kept in both tiles); the smaller
-fragment is dropped. Boxes follow the VOC convention of `bench.data.voc` (1-based inclusive pixel
+fragment is dropped. Boxes follow the VOC convention of `core.data.voc` (1-based inclusive pixel
 indices: ``xmin - 1, ymin - 1``).
 
 Split: the val set is one whole source region (the 2019_YELL_2_541000_4977000 crop, 12 tiles) and
 never a hashed subset of tiles: neighbouring tiles share the trees cut at their border and look
 alike, so tiles of one raster in both train and val would leak. The train pool (the other crop of
 the same site plus the OSBS and SOAP images) is divided into labeled / unlabeled by
-`bench.data.splits.make_split` like any coco_standard set; unlabeled tiles keep their boxes as
+`core.data.splits.make_split` like any coco_standard set; unlabeled tiles keep their boxes as
 hidden ground truth for the pseudo-label statistics, as the synthetic set does.
 
 Hashes: the wheel's sha256 (`WHEEL_SHA256`), and after tiling `splits.dataset_hash` of both splits
@@ -46,8 +46,8 @@ from typing import Callable
 
 import numpy as np
 
-from bench.data import voc
-from bench.errors import BenchError
+from core.data import voc
+from core.errors import BenchError
 
 REQUIREMENT = "deepforest==2.1.0"
 WHEEL = "deepforest-2.1.0-py3-none-any.whl"
@@ -139,7 +139,7 @@ def clip_to_tile(boxes: np.ndarray, window: tuple[int, int, int, int],
 
 
 def read_voc_boxes(xml: Path, class_map: dict[str, str] = CLASS_MAP) -> tuple[int, int, np.ndarray]:
-    """(width, height, xyxy boxes in 0-based continuous pixels) of one source XML (bench/data/voc.py's
+    """(width, height, xyxy boxes in 0-based continuous pixels) of one source XML (core/data/voc.py's
     reader; every name in `class_map` is a Tree)."""
     width, height, boxes, _, _, _ = voc.read_annotation(xml, dict.fromkeys(class_map, 0))
     return width, height, boxes
@@ -156,8 +156,8 @@ def build_forest(source_dir: Path, out_dir: Path, sources: tuple[Source, ...] = 
     """
     from PIL import Image
 
-    from bench.data.coco import load_coco, load_image
-    from bench.data.splits import dataset_hash
+    from core.data.coco import load_coco, load_image
+    from core.data.splits import dataset_hash
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not sources or {s.split for s in sources} - {"train", "val"}:
@@ -229,7 +229,7 @@ def build_forest(source_dir: Path, out_dir: Path, sources: tuple[Source, ...] = 
                 first, want = bad[0], str(expected.get(bad[0]))[:12]
                 raise BenchError(f"the tiled forest data set differs from the expected one ({', '.join(bad)} hashes; "
                                  f"{first} {hashes[first][:12]} instead of {want}): another wheel, source files or "
-                                 f"tiling code; use {REQUIREMENT} and an unmodified bench/data/forest.py")
+                                 f"tiling code; use {REQUIREMENT} and an unmodified core/data/forest.py")
         meta = {"tiling_version": TILING_VERSION, "requirement": REQUIREMENT, "wheel_sha256": wheel_sha256,
                 "tile_size": tile, "min_inside": MIN_INSIDE, "class_map": CLASS_MAP,
                 "sources": [{"stem": s.stem, "split": s.split} for s in sources],
@@ -350,13 +350,13 @@ def dataset_files(root: Path, home: Path) -> dict[str, Path]:
             raise BenchError(f"the forest data set is not at {root}; run `bench data fetch forest` first "
                              f"(downloads the {REQUIREMENT} wheel, 20 MB, and tiles its images)")
         raise BenchError(f"{absent[0]} does not exist; point data.root at a folder written by "
-                         "`bench data fetch forest` (or bench.data.forest.build_forest)")
+                         "`bench data fetch forest` (or core.data.forest.build_forest)")
     return files
 
 
 def check_hashes(root: Path, home: Path, train, val) -> None:
     """The loaded splits must hash as recorded at build time, and the default set as `EXPECTED`."""
-    from bench.data.splits import dataset_hash
+    from core.data.splits import dataset_hash
 
     files = dataset_files(root, home)
     try:
@@ -372,4 +372,4 @@ def check_hashes(root: Path, home: Path, train, val) -> None:
                              "`bench data fetch forest --force`")
     if Path(root) == default_root(home) and recorded != EXPECTED:
         raise BenchError(f"{root} was tiled differently from this version of lsm-bench (hashes differ from "
-                         "bench.data.forest.EXPECTED); rerun `bench data fetch forest --force`")
+                         "core.data.forest.EXPECTED); rerun `bench data fetch forest --force`")
