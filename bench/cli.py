@@ -1,4 +1,4 @@
-"""`bench`: the command line. Verbs: train, eval, plan, run, report, export, import, status, clean,
+"""`bench`: the command line. Verbs: train, eval, plan, run, report, export, import, sync, status, clean,
 study, figure, ui, serve, data (synth | split | check | fetch), config.
 
 Bad input raises BenchError, printed as one line on stderr with exit code 2.
@@ -334,6 +334,15 @@ def import_cmd(archive: Path = typer.Argument(..., help="An archive written by `
     home = resolve_home(home)
     added, kept = import_cells(archive, home)
     console.print(f"{added} cells added to {home / 'runs'}; {kept} already there, kept", markup=False, highlight=False)
+
+
+@app.command("sync")
+def sync_cmd(home: Optional[Path] = HOME_OPT):
+    """Log to MLflow the done cells whose runs are missing (after a tracking outage)."""
+    from bench.sync import sync_runs
+
+    report = sync_runs(resolve_home(home))
+    console.print(report.summary(), *(f"skipped: {s}" for s in report.skipped), sep="\n", markup=False, highlight=False)
 
 
 @app.command()

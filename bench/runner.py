@@ -211,6 +211,13 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
         from bench.report.index import write_index
 
         write_index(out_dir, command)
+    if tracker is not None and tracker.enabled:  # heal the runs an outage cost, before they are named
+        from bench.sync import TrackingDown, sync_runs
+
+        try:
+            sync_runs(home, [c.directory(home) for c in cells], parent_run_id=tracker.run_id)
+        except TrackingDown as down:
+            tracking._warn_once(down)
     if tracker is not None:
         log_to_parent(tracker, spec, cells, home, results, err, paths, preset)
     return paths
@@ -256,9 +263,11 @@ def log_to_parent(tracker: tracking.Tracker, spec, cells: list[Cell], home: Path
 
 
 def _name_child_runs(tracker: tracking.Tracker, spec, cells: list[Cell], home: Path) -> None:
+    from bench.sync import recorded_run_id
+
     if not tracker.enabled:
         return
     for c in cells:
         result = None if c.is_start else done_result(c.directory(home) / "result.json")
-        if result and result.get("mlflow_run_id"):
-            tracker.rename_run(result["mlflow_run_id"], child_run_name(spec, c))
+        if result and (run_id := recorded_run_id(c.directory(home), result)):  # a synced run's id is in the file
+            tracker.rename_run(run_id, child_run_name(spec, c))

@@ -38,6 +38,26 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def cell_label(cfg) -> str:
+    """ubteacher+lsm, supervised, ubteacher:burn-in ..."""
+    return cfg.method + ("+lsm" if cfg.lsm.enabled else "") + (":burn-in" if cfg.stage == "burn_in" else "")
+
+
+def run_name(cfg) -> str:
+    """A cell's run name (`bench run` renames it after the table's row label)."""
+    return f"{cell_label(cfg)} {cfg.data.ratio:g}% seed {cfg.seed}"
+
+
+def run_tags(cfg, key: str, split_sha256: str) -> dict[str, str]:
+    """A cell run's tags; here, not in the worker, because `bench sync` logs missed runs with the same."""
+    return {
+        "method": cfg.method, "stage": cfg.stage, "lsm": str(cfg.lsm.enabled).lower(), "preset": cfg.preset,
+        "dataset": cfg.data.dataset, "setting": cfg.data.setting, "ratio": f"{cfg.data.ratio:g}",
+        "fold": str(cfg.data.fold), "seed": str(cfg.seed), "cell_key": key, "git_sha": git_sha(),
+        "split_sha256": split_sha256, **package_versions(),
+    }
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -64,6 +84,10 @@ def _warn_once(err: BaseException) -> None:
         _warned = True
 
 
+class StoreError(Exception):
+    """An MLflow error of a strict Tracker, as one line (its type and first line)."""
+
+
 def _tolerant(method):
     """A Tracker method that never fails its caller: an MLflow error turns the tracker off (warned once)."""
     import functools
@@ -76,6 +100,9 @@ def _tolerant(method):
             return method(self, *args, **kwargs)
         except Exception as err:  # sqlite (read-only, deleted, locked), HTTP, MLflow's own errors
             self.enabled = False
+            if self.strict:  # `bench sync`: the store being down is what it reports
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                raise StoreError(f"{type(err).__name__}: {first}") from err
             _warn_once(err)
             return None
 
@@ -84,10 +111,12 @@ def _tolerant(method):
 
 class Tracker:
     """One MLflow run. Methods are no-ops when `enabled` is False (tests, dry runs), and turn it off
-    on an MLflow error: a cell's result never depends on the tracking store (docs/errors.md)."""
+    on an MLflow error: a cell's result never depends on the tracking store (docs/errors.md).
+    A `strict` tracker raises MLflow's errors instead (bench/sync.py reports them)."""
 
-    def __init__(self, home: Path, enabled: bool = True):
+    def __init__(self, home: Path, enabled: bool = True, strict: bool = False):
         self.enabled = enabled
+        self.strict = strict
         self.home = Path(home)
         self.run_id: str | None = None
         self._client = None
@@ -147,6 +176,33 @@ class Tracker:
                  if isinstance(v, (int, float))]
         for i in range(0, len(items), 500):
             self._client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    @_tolerant
+    def log_history(self, rows: list[dict]) -> None:
+        """metrics.jsonl's rows (`iteration` + scalars) at their steps, in few batches (bench/sync.py)."""
+        import time as _time
+
+        from mlflow.entities import Metric
+
+        ts = int(_time.time() * 1000)
+        items = [Metric(k.replace("/", "."), float(v), ts, int(row["iteration"])) for row in rows
+                 for k, v in row.items() if k != "iteration" and isinstance(v, (int, float))]
+        for i in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    @_tolerant
+    def existing_runs(self, run_ids: list[str]) -> set[str]:
+        """Which of `run_ids` this store has (deleted ones too): one query per 500 ids."""
+        from mlflow.entities import ViewType
+
+        found = set()
+        for i in range(0, len(run_ids), 500):
+            chunk = run_ids[i:i + 500]
+            runs = self._client.search_runs([self.experiment_id], "attributes.run_id IN ("
+                                            + ",".join(f"'{r}'" for r in chunk) + ")",
+                                            run_view_type=ViewType.ALL, max_results=len(chunk))
+            found.update(r.info.run_id for r in runs)
+        return found
 
     @_tolerant
     def set_tags(self, tags: dict[str, str]) -> None:

@@ -31,6 +31,7 @@ from adapters.engine.solver import build_optimizer, build_scheduler
 from adapters.engine.trainer import StopTraining, Trainer
 from bench import burn_in, tracking
 from bench.burn_in import burn_in_config
+from bench.tracking import cell_label, run_name, run_tags
 from core.config import RunConfig, dump_config
 from core.data.loader import make_loader
 from core.data.sources import SemiData, prepare_data
@@ -126,15 +127,6 @@ def _scalar_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str,
                 flat.update({f"{prefix}.{model_name}.{k}.{c}": float(x) for c, x in v.items()
                              if isinstance(x, (int, float)) and x == x})
     return flat
-
-
-def run_tags(cfg: RunConfig, key: str, data: SemiData) -> dict[str, str]:
-    return {
-        "method": cfg.method, "stage": cfg.stage, "lsm": str(cfg.lsm.enabled).lower(), "preset": cfg.preset,
-        "dataset": cfg.data.dataset, "setting": cfg.data.setting, "ratio": f"{cfg.data.ratio:g}",
-        "fold": str(cfg.data.fold), "seed": str(cfg.seed), "cell_key": key, "git_sha": tracking.git_sha(),
-        "split_sha256": data.manifest.sha256, **tracking.package_versions(),
-    }
 
 
 def run_cell(cfg: RunConfig, home: Path, *, track: bool = True, progress: bool = True,
@@ -239,11 +231,10 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     tracker = tracking.Tracker(home, enabled=track and main)
     run_id_file = rdir / "mlflow_run_id"
     prior_run = run_id_file.read_text().strip() if (track and main and run_id_file.exists()) else None
-    tags = run_tags(cfg, key, data)
+    tags = run_tags(cfg, key, data.manifest.sha256)
     if distributed.is_distributed():
         tags["world_size"] = str(distributed.world_size())
-    run_id = tracker.start(f"{cell_label(cfg)} {cfg.data.ratio:g}% seed {cfg.seed}",  # bench run: the row's label
-                           tags, tracking.flatten(cfg.model_dump(mode="json")),
+    run_id = tracker.start(run_name(cfg), tags, tracking.flatten(cfg.model_dump(mode="json")),  # bench run renames it
                            parent_run_id=parent_run_id, run_id=prior_run)
     if run_id:
         run_id_file.write_text(run_id)
@@ -317,11 +308,6 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     tracker.end("FINISHED")
     distributed.barrier()
     return result
-
-
-def cell_label(cfg: RunConfig) -> str:
-    """ubteacher+lsm, supervised, ubteacher:burn-in ..."""
-    return cfg.method + ("+lsm" if cfg.lsm.enabled else "") + (":burn-in" if cfg.stage == "burn_in" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
