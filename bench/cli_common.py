@@ -1,16 +1,24 @@
-"""What every `bench` command shares: the --home option, the command line written into outputs,
-and the checks of command-line values made before anything runs or is written."""
+"""What the `bench` commands share: the --home and --format options, the command line written into
+outputs, the checks of command-line values made before anything runs or is written, the listings of
+`plan` and `status` (table, csv, json), weights loaded for `eval` and `figure fig1`, and `run_app`:
+errors as one line and exit codes (2 bad input, 1 failed work, 130 interrupted)."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from core.errors import BenchError
 
@@ -23,6 +31,13 @@ def _home_path(value: str) -> Path:
 
 
 HOME_OPT = typer.Option(None, "--home", parser=_home_path, help="Working store (default: $BENCH_HOME or ./.bench).")
+
+
+FORMATS = ("table", "csv", "json")
+FORMAT_OPT = typer.Option("table", "--format", help="table, csv or json (csv and json: every field, names and "
+                          "keys in full; notes on stderr).")
+console = Console()
+err_console = Console(stderr=True)
 
 
 def resolve_home(home: Optional[Path]) -> Path:
@@ -130,3 +145,248 @@ def check_config(cfg) -> None:
     if lr > MAX_LR:
         raise BenchError(f"solver.base_lr={lr:g}: a learning rate above {MAX_LR:g} diverges at once; "
                          "use the preset's (e.g. 0.01) or a value in (0, 10]")
+
+
+# -- listings: `bench plan`, `bench status` ------------------------------------------------------------
+def print_rows(fmt: str, rows: list[dict], title: str, headers: list[str],
+               cells: Callable[[dict, bool], list[str]]) -> Console:
+    """Rows as a rich table (`cells(row, cut)` gives a row's texts; `cut`: a terminal, where keys may
+    be shortened), or as csv or json with every field in full. Nothing is truncated when stdout is
+    not a terminal. Returns the console for the lines that follow (stderr for csv and json)."""
+    if fmt not in FORMATS:
+        raise BenchError(f"--format {fmt}: use table, csv or json")
+    if fmt == "json":
+        clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        console.file.write(json.dumps(clean, indent=2) + "\n")
+        return err_console
+    if fmt == "csv":
+        writer = csv.writer(console.file, lineterminator="\n")
+        writer.writerow(list(rows[0]) if rows else [h.replace(". ", "_").replace(" ", "_") for h in headers])
+        for r in rows:
+            writer.writerow(["" if v is None else str(v).lower() if isinstance(v, bool)
+                             else "; ".join(map(str, v)) if isinstance(v, list) else v for v in r.values()])
+        return err_console
+    t = Table(title=title)
+    for h in headers:
+        t.add_column(h, overflow="fold")
+    terminal = console.is_terminal
+    for r in rows:
+        t.add_row(*cells(r, terminal))
+    # a pipe or a file: as wide as the table needs (rich would otherwise cut names at 80 columns)
+    out = console if terminal else Console(file=console.file, width=100_000, force_terminal=False)
+    out.print(t)
+    return console
+
+
+def show_status(home: Optional[Path], fmt: str) -> None:
+    """`bench status`: every run directory with a config.yaml, its status and AP; unreadable
+    result.json and config.yaml files named."""
+    from core.paths import run_dirs
+
+    home = resolve_home(home)
+    rows = [d.summary() for d in run_dirs(home) if d.config_file.exists()]
+
+    def cells(r: dict, cut: bool) -> list[str]:
+        fields = ["?"] * 5 if r["method"] is None else [
+            r["method"], str(r["lsm"]).lower(), r["preset"], f"{r['ratio']:g}", str(r["seed"])]
+        return [r["key"][:12] if cut else r["key"], *fields, r["status"],
+                "" if r["AP"] is None else f"{r['AP']:.2f}"]
+
+    out = print_rows(fmt, rows, f"runs in {home / 'runs'}",
+                     ["key", "method", "lsm", "preset", "ratio", "seed", "status", "AP (reported)"], cells)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs yet")
+    for line in (p for r in rows for p in r["problems"]):
+        out.print(f"[red]corrupt[/red] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+# -- finished cells: their weights loaded --------------------------------------------------------------
+def load_trained(cfg, data, weights: Path):
+    """(adapter, device): the method's models for `cfg` with the final weights of a finished run."""
+    import torch
+
+    from adapters.base import get_adapter
+    from bench.worker import resolve_device
+
+    device = resolve_device(cfg.device)
+    adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    for name, model in adapter.eval_models().items():
+        model.load_state_dict(state[name])
+    return adapter, device
+
+
+def evaluate_run(run: str, backend: str, home: Optional[Path]) -> None:
+    """`bench eval`: a finished run's final weights evaluated on its validation set, printed."""
+    from core.config import RunConfig
+    from core.data.sources import prepare_data
+    from core.paths import RunDir, find_run_dir
+    from bench.worker import evaluate_models
+
+    rdir = RunDir(find_run_dir(run, resolve_home(home)))
+    cfg = RunConfig.model_validate(rdir.config())
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
+    data = prepare_data(cfg.data, resolve_home(home))
+    adapter, device = load_trained(cfg, data, rdir / "model_final.pth")
+    for name, stats in evaluate_models(adapter, data, cfg, device).items():
+        console.print(f"[bold]{escape(name)}[/bold]\n{escape(str(stats.get('summary', stats)))}")
+
+
+def make_split(dataset: str, ratio: float, fold: int, root: Optional[Path], import_ubteacher: Optional[Path],
+               import_stac: Optional[Path], out: Optional[Path], home: Optional[Path]) -> None:
+    """`bench data split`: a split manifest (made or imported), saved to `out` if given, summarised."""
+    from core.config import DataConfig
+    from core.data import splits
+    from core.data.sources import prepare_data
+
+    if dataset == "voc":
+        raise BenchError("VOC's split is fixed (07 trainval labeled, 12 trainval unlabeled); nothing to generate")
+    cfg = DataConfig(dataset=dataset, ratio=ratio, fold=fold, root=str(root) if root else None)
+    data = prepare_data(cfg, resolve_home(home))
+    manifest = data.manifest
+    if import_ubteacher or import_stac:
+        pool = data.train_pool()
+        manifest = (splits.import_ubteacher(import_ubteacher, pool, ratio, fold) if import_ubteacher
+                    else splits.import_stac(import_stac, pool))
+    if out is not None:
+        if out.exists():
+            raise BenchError(f"{out} exists; choose another --out or delete it first")
+        manifest.save(out)
+    console.print(f"{manifest.dataset} {manifest.setting} {manifest.ratio:g}% fold {manifest.fold}: "
+                  f"{len(manifest.labeled_ids)} labeled, {len(manifest.unlabeled_ids)} unlabeled, "
+                  f"sha256 {manifest.sha256[:16]}" + (f" -> {out}" if out else ""), markup=False, highlight=False)
+
+
+def clean_runs(home: Optional[Path], failed: bool, corrupt: bool, all_: bool) -> None:
+    """`bench clean`: failed or corrupt run directories removed, or all of them."""
+    from core.paths import remove_runs
+
+    home = resolve_home(home)
+    removed = remove_runs(home, failed=failed, corrupt=corrupt, all_=all_)
+    console.print(f"removed {removed} run directories under {home / 'runs'}", markup=False, highlight=False)
+
+
+def import_archive(archive: Path, home: Optional[Path]) -> None:
+    """`bench import`: an exported archive's cells merged into this store (cells it has are kept)."""
+    from bench.archive import import_cells
+
+    home = resolve_home(home)
+    added, kept = import_cells(archive, home)
+    console.print(f"{added} cells added to {home / 'runs'}; {kept} already there, kept", markup=False, highlight=False)
+
+
+def show_config(preset: str, method: str, overrides: list[str]) -> None:
+    """`bench config show`: the validated configuration of a preset for one method."""
+    from core.config import dump_config, load_config
+    from core.methods import method_spec
+
+    method_spec(method)  # an unknown name: one line listing the known ones
+    console.print(dump_config(load_config(preset, overrides, method=method)), markup=False, highlight=False)
+
+
+def fetch_data(name: str, wheel: Optional[Path], force: bool, home: Optional[Path]) -> None:
+    """`bench data fetch`: a real data set downloaded into the store and prepared (forest only)."""
+    if name != "forest":
+        raise BenchError(f"unknown data set '{name}' to fetch; known: forest (the synthetic set is generated on "
+                         "first use; for COCO and VOC pass data.root)")
+    from core.data import forest
+
+    forest.fetch_forest(resolve_home(home), wheel, force, log=lambda s: console.print(s, markup=False, highlight=False))
+
+
+def check_data(path: Path, image_dir: Optional[Path], area_scale: float) -> None:
+    """`bench data check`: each data set's summary printed; one line (exit 2) if any lists problems."""
+    from core.data.check import check_path, format_summary
+
+    summaries = check_path(path, image_dir=image_dir, area_scale=area_scale)
+    for summary in summaries:
+        console.print(format_summary(summary), markup=False, highlight=False)
+    bad = [s for s in summaries if s["problems"]]
+    if bad:
+        n = sum(len(s["problems"]) for s in bad)
+        raise BenchError(f"{', '.join(s['path'] for s in bad)}: {n} problem(s) listed above; fix them before "
+                         "training on it")
+
+
+# -- the entry point's error handling ------------------------------------------------------------------
+def _click_errors() -> tuple[tuple, tuple, tuple]:
+    """(usage/click errors, aborts, exits) of click and of typer's own copy of them: typer >= 0.26
+    raises `typer._click` / `typer.exceptions` classes, which click's do not catch."""
+    import click
+
+    errors, aborts, exits = [click.ClickException], [click.exceptions.Abort], [click.exceptions.Exit]
+    try:
+        from typer import exceptions as typer_exceptions
+        from typer._click import exceptions as vendored
+
+        errors.append(vendored.ClickException)
+        aborts.append(typer_exceptions.Abort)
+        exits.append(typer_exceptions.Exit)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(errors), tuple(aborts), tuple(exits)
+
+
+_terminated = False
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (kill, a scheduler, systemd) unwinds like Ctrl-C: `finally` blocks stop the workers and
+    servers this process started (the default action would orphan them, still listening)."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _debug() -> bool:
+    """--debug anywhere on the command line (removed before parsing) or BENCH_DEBUG=1: tracebacks shown."""
+    flag = "--debug" in sys.argv[1:]
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
+    return flag or os.environ.get("BENCH_DEBUG", "") not in ("", "0")
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run the CLI: BenchError as `error: ...` on one line with exit 2, usage errors 2, failed work 1,
+    Ctrl-C 130 and SIGTERM 143 with the resume hint, a bug as one line naming --debug."""
+    import signal
+    import traceback
+
+    debug = _debug()
+    errors, aborts, exits = _click_errors()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # a shell starts background jobs with SIGINT ignored; `kill -INT` must still stop them
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        # Without standalone mode typer returns an exit code (Ctrl-C as 130, typer.Exit(n) as n)
+        code = app(standalone_mode=False)
+        if code == 130 or _terminated:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except exits as exc:
+        sys.exit(exc.exit_code)
+    except errors as exc:  # a usage error: the message and the usage line, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except aborts:
+        sys.exit(1)
+    except BenchError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        err_console.print("terminated" if _terminated else "interrupted", "; rerun the same command to resume", sep="")
+        sys.exit(143 if _terminated else 130)
+    except Exception as err:  # a bug: one line and how to see more
+        if debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(err).__name__}: {first}); rerun with --debug (or BENCH_DEBUG=1) for "
+              "the traceback and report it", file=sys.stderr)
+        sys.exit(1)

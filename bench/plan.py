@@ -8,7 +8,6 @@ Cells that share a burn-in (bench/burn_in.py) depend on a burn-in cell, listed b
 
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from bench.burn_in import burn_in_config
 from core.config import RunConfig, load_config, preset_planning, preset_table_ratios
 from core.methods import upstream
 from core.data.sources import prepare_data
-from core.paths import read_result, result_ok, run_dir
+from core.paths import RunDir, read_result, run_dir
 from bench.keys import cell_key
 from bench.teacher import teacher_config
 
@@ -65,27 +64,13 @@ class Cell:
     def directory(self, home: Path) -> Path:
         return run_dir(home, self.key)
 
+    def run_dir(self, home: Path) -> RunDir:
+        """The cell's run directory with its files and status."""
+        return RunDir(self.directory(home))
+
     def status(self, home: Path) -> str:
-        return run_status(self.directory(home))
-
-
-def run_status(d: Path) -> str:
-    """done | corrupt (a result.json that cannot be read: not done) | failed | running (a worker
-    holds the cell's lock) | partial (a checkpoint to resume from) | pending."""
-    if (d / "result.json").exists():
-        return "done" if result_ok(d / "result.json") else "corrupt"
-    if (d / "failed.json").exists():
-        return "failed"
-    if (d / "lock").exists():
-        with (d / "lock").open("a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(lock, fcntl.LOCK_UN)
-            except BlockingIOError:
-                return "running"
-    if (d / "checkpoints" / "last_checkpoint").exists():
-        return "partial"
-    return "pending"
+        """done | corrupt | failed | running | partial | pending (`core.paths.RunDir.status`)."""
+        return self.run_dir(home).status()
 
 
 def seconds_per_iteration(home: Path) -> dict[tuple, float]:

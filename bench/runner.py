@@ -3,22 +3,34 @@
 Done cells are skipped (their result.json is the cache); partial cells resume from their
 checkpoint; a failing cell is recorded (failed.json, MLflow status FAILED) and the others go on.
 Ctrl-C stops the workers (they keep their checkpoints) and a rerun continues.
+
+`plan_table` is the plan every table verb starts from (plan, run, report, export); `run_table` is
+`bench run` (device choice, executor, MLflow server, parent run, the summary); `train_cell` is
+`bench train`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from bench import tracking
 from core.errors import BenchError
-from core.paths import done_result, read_result, run_dir
-from bench.plan import Cell, run_status
+from core.paths import RunDir, done_result, read_result
+from bench.plan import Cell
+
+console = Console()
+err_console = Console(stderr=True)
 
 
 def _iterations_done(cell: Cell, home: Path) -> int:
@@ -55,10 +67,7 @@ def _display(running, done: list[Cell], failed: list, total: int, t0: float, hom
 def _record_failure(cell: Cell, home: Path, error: str, traceback: str = "") -> None:
     """A worker that died without writing failed.json (killed, segfault, OOM), or a cell whose
     burn-in failed, is recorded here."""
-    failed = cell.directory(home) / "failed.json"
-    if not failed.exists() and not (cell.directory(home) / "result.json").exists():
-        failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(json.dumps({"error": error, "traceback": traceback}))
+    cell.run_dir(home).record_failure(error, traceback)
 
 
 def _priority(cell: Cell, starts: set[str]) -> int:
@@ -91,7 +100,7 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
     iters_at_start = sum(c.work for c in done)
 
     def ready(cell: Cell) -> bool:
-        return cell.depends_on is None or run_status(run_dir(home, cell.depends_on)) == "done"
+        return cell.depends_on is None or RunDir.of(home, cell.depends_on).status() == "done"
 
     try:
         with Live(console=console, refresh_per_second=1, transient=False) as live:
@@ -271,3 +280,264 @@ def _name_child_runs(tracker: tracking.Tracker, spec, cells: list[Cell], home: P
         result = None if c.is_start else done_result(c.directory(home) / "result.json")
         if result and (run_id := recorded_run_id(c.directory(home), result)):  # a synced run's id is in the file
             tracker.rename_run(run_id, child_run_name(spec, c))
+
+
+# -- the verbs' work: plan a table, run it, train one cell ------------------------------------------
+def plan_table(table: str, preset: Optional[str], seeds: int, ratios: Optional[str], overrides: list[str],
+               home: Path):
+    """(spec, cells, notes, preset) of a table as given on the command line: its values checked first
+    (one line each), without --preset the spec's own preset (forest), else demo."""
+    from bench.cli_common import check_config, check_overrides, check_seeds, parse_ratios
+    from bench.plan import build_plan
+    from bench.specs import load_spec
+    from core.config import load_config
+
+    check_seeds(seeds)
+    ratio_list = parse_ratios(ratios)
+    check_overrides(overrides, table=True)
+    spec = load_spec(table)
+    preset = preset or spec.preset or "demo"
+    check_config(load_config(preset, overrides))  # before any split is made or anything written
+    cells, notes = build_plan(spec, preset, seeds, home, ratio_list, overrides)
+    for c in cells:  # named by path; they count as not done (`bench run` trains them again)
+        if c.status(home) == "corrupt":
+            err_console.print(f"warning: {c.directory(home) / 'result.json'} is unreadable; the cell counts as not "
+                              "done (`bench run` trains it again, `bench clean --corrupt` removes it)",
+                              markup=False, highlight=False, soft_wrap=True)
+    if not any(not c.is_start for c in cells):
+        asked = f" with --ratios {ratios}" if ratios else ""
+        known = sorted({float(c.overrides["data.ratio"]) for c in spec.columns if "data.ratio" in c.overrides})
+        why = "; ".join(n for n in notes if n.startswith("column ")) or (f"its columns' ratios: {', '.join(f'{r:g}' for r in known)}" if known else "")
+        raise BenchError(f"table {spec.name} on preset {preset} has no cell to run{asked}" + (f" ({why})" if why else ""))
+    return spec, cells, notes, preset
+
+
+def plan_rows(cells: list[Cell], home: Path, preset: str) -> tuple[list[dict], str]:
+    """`bench plan`: a row per cell (row, column, method, lsm, seed, status, iterations, est_min, key)
+    and the line on the work left, timed by this store's finished cells, else the preset's reference."""
+    from bench.plan import estimate_seconds, reference_seconds_per_iteration, seconds_per_iteration
+
+    measured, reference = seconds_per_iteration(home), reference_seconds_per_iteration(preset)
+    speeds = {**reference, **measured}  # this store's own timings win
+    rows, left, seconds, unknown, from_reference = [], 0, 0.0, 0, 0
+    for c in cells:
+        status = c.status(home)
+        est = None if status == "done" else estimate_seconds(c, speeds)
+        if status != "done":
+            left += c.work
+            seconds += est or 0.0
+            unknown += est is None
+            from_reference += est is not None and estimate_seconds(c, measured) is None
+        iters = f"{c.iterations - c.work}+{c.work}" if c.work != c.iterations else f"{c.iterations}"
+        rows.append({"row": c.row_id, "column": c.column_id, "method": c.config.method, "lsm": c.config.lsm.enabled,
+                     "seed": c.seed, "status": status, "iterations": iters,
+                     "est_min": None if est is None else round(est / 60, 1), "key": c.key})
+    estimate = f"; about {seconds / 60:.0f} min of one worker slot" if seconds else ""
+    if from_reference:
+        estimate += f" ({from_reference} cells from preset {preset}'s reference timings)"
+    if unknown:
+        estimate += f" ({unknown} cells of kinds not timed yet in this store)"
+    return rows, f"training iterations left: {left}{estimate}"
+
+
+def report_table(table: Optional[str], seeds: int, preset: Optional[str], ratios: Optional[str],
+                 overrides: list[str], err: str, out: Path, all_: bool, home: Optional[Path]) -> None:
+    """`bench report`: the table from whatever cells are done (runs nothing); with `all_` the results
+    folder's index page after it."""
+    from bench.cli_common import invocation, resolve_home
+
+    if table is None and not all_:
+        raise BenchError("bench report needs a TABLE (e.g. `bench report table1`), or --all for the results index")
+    command = invocation()
+    if table is not None:
+        home = resolve_home(home)
+        spec, cells, notes, preset = plan_table(table, preset, seeds, ratios, overrides, home)
+        paths = report(spec, cells, home, out, preset, command, err=err, notes=notes)
+        console.print(paths[0].read_text(), markup=False, highlight=False)
+    elif overrides:
+        raise BenchError(f"bench report --all without a TABLE takes no config overrides (got {' '.join(overrides)})")
+    if all_:
+        from bench.report.index import write_index
+
+        console.print(f"index: {escape(str(write_index(out, command)))}")
+
+
+def export_table(table: str, out: Path, seeds: int, preset: Optional[str], ratios: Optional[str],
+                 overrides: list[str], home: Optional[Path]) -> None:
+    """`bench export`: a table's done cells packed into an archive for `bench import` (never overwrites)."""
+    from bench.archive import export_cells
+    from bench.cli_common import invocation, resolve_home
+
+    home = resolve_home(home)
+    if out.exists():
+        raise BenchError(f"{out} exists; choose another --out or remove it first (an export never overwrites)")
+    spec, cells, _, preset = plan_table(table, preset, seeds, ratios, overrides, home)
+    n = export_cells([c.directory(home) for c in cells], home, out,
+                     {"command": invocation(), "git_sha": tracking.git_sha(), "table": spec.name, "preset": preset})
+    console.print(f"{n} of {len(cells)} cells of {spec.name} written to {out}", markup=False, highlight=False)
+
+
+def show_plan(table: str, preset: Optional[str], seeds: int, ratios: Optional[str], overrides: list[str],
+              home: Optional[Path], fmt: str) -> None:
+    """`bench plan`: a table's cells, their status and the work left; runs nothing."""
+    from bench.cli_common import print_rows, resolve_home
+
+    home = resolve_home(home)
+    spec, cells, notes, preset = plan_table(table, preset, seeds, ratios, overrides, home)
+    rows, left = plan_rows(cells, home, preset)
+    out = print_rows(fmt, rows, f"{spec.name} on preset {preset}: {len(cells)} cells",
+                     ["row", "column", "seed", "status", "iterations", "est. min", "key"],
+                     lambda r, cut: [r["row"], r["column"], str(r["seed"]), r["status"], r["iterations"],
+                                     "" if r["est_min"] is None else f"{r['est_min']:.1f}",
+                                     r["key"][:12] if cut else r["key"]])
+    for n in notes:
+        out.print(f"[dim]{escape(n)}[/dim]")
+    out.print(left)
+
+
+@dataclass
+class RunOptions:
+    """`bench run`'s options (`bench run --help`; docs/runner.md, docs/cluster.md)."""
+    seeds: int = 5
+    preset: Optional[str] = None
+    ratios: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)  # key=value: they enter every cell's config and key
+    devices: Optional[str] = None
+    slots_per_device: Optional[int] = None
+    retries: int = 0
+    fail_fast: bool = False
+    track: bool = True
+    out: Path = Path("results")
+    executor: str = "local"
+    gpus_per_cell: int = 1
+    partition: Optional[str] = None
+    time_limit: str = "48:00:00"
+    cpus_per_cell: Optional[int] = None
+    array_parallelism: int = 256
+    slurm_folder: Optional[Path] = None
+    home: Optional[Path] = None
+
+
+def run_table(table: str, options: RunOptions) -> dict[str, list[Cell]]:
+    """`bench run TABLE`: every cell not done yet on the chosen executor, then the tables and the
+    summary; returns run_cells' outcome (the caller exits 1 if a cell failed or was not run)."""
+    from bench.cli_common import check_devices, invocation, resolve_home
+    from bench.executors.local import LocalExecutor
+
+    o = options
+    devices, slots_per_device = o.devices, o.slots_per_device
+    if o.executor not in ("local", "slurm"):
+        raise BenchError(f"unknown executor '{o.executor}'; use --executor local or --executor slurm")
+    if devices is not None and o.executor == "local":  # a missing GPU: one refusal, not every cell failing
+        devices = ",".join(check_devices(devices))
+    if slots_per_device is not None and slots_per_device < 1:
+        raise BenchError(f"--slots-per-device {slots_per_device}: must be >= 1")
+    if o.retries < 0:
+        raise BenchError(f"--retries {o.retries}: must be >= 0")
+    home = resolve_home(o.home)
+    slurm = None
+    if o.executor == "slurm":  # before planning: a missing sbatch is reported at once
+        from bench.executors.slurm import SlurmExecutor
+
+        slurm = SlurmExecutor(partition=o.partition, gpus_per_cell=o.gpus_per_cell, cpus_per_cell=o.cpus_per_cell,
+                              time=o.time_limit, array_parallelism=o.array_parallelism, folder=o.slurm_folder,
+                              track=o.track)
+    spec, cells, notes, preset = plan_table(table, o.preset, o.seeds, o.ratios, o.overrides, home)
+    nothing_to_run = all(c.status(home) == "done" for c in cells)
+    if devices is None:
+        if nothing_to_run or slurm is not None:
+            devices = "cpu"  # no need to import torch to look for GPUs (Slurm's nodes have their own)
+        else:
+            import torch
+
+            n = torch.cuda.device_count()
+            devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu"
+    if slots_per_device is None:
+        slots_per_device = 1 if devices.startswith("cuda") else max(1, min(os.cpu_count() or 1, 4))
+    if slurm is not None:
+        executor = slurm
+    else:
+        executor = LocalExecutor(devices.split(","), slots_per_device, track=o.track, prestart=not nothing_to_run,
+                                 gpus_per_cell=o.gpus_per_cell)
+    command = invocation()
+    # a server on this machine's loopback is out of reach of Slurm's nodes: there, `bench serve mlflow`
+    serve = (o.track and slurm is None and not os.environ.get("MLFLOW_TRACKING_URI")
+             and executor.slots > tracking.SQLITE_MAX_WORKERS)
+    if o.track and slurm is not None and not os.environ.get("MLFLOW_TRACKING_URI") and not nothing_to_run:
+        console.print(f"[dim]Slurm workers log straight to {escape(tracking.tracking_uri(home))}; with many cells at once "
+                      "run `bench serve mlflow` and export MLFLOW_TRACKING_URI (docs/cluster.md)[/dim]")
+    with tracking.LocalServer(home) if serve else contextlib.nullcontext() as server:
+        if server is not None:
+            console.print(f"[dim]{executor.slots} workers: MLflow logging goes through {server.url} "
+                          f"(sqlite alone serialises writers)[/dim]")
+        outcome, paths = _run_and_report(spec, cells, notes, executor, home, preset, o.seeds, command, o.retries,
+                                         o.fail_fast, o.track, o.out)
+    if paths:
+        console.print(paths[0].read_text(), markup=False, highlight=False)
+    for n in notes:
+        console.print(f"[dim]{escape(n)}[/dim]")
+    tables = (f"tables: {', '.join(str(p) for p in paths)}" if paths
+              else f"no cell is done: tables not written ({o.out} left as it was)")
+    console.print(f"{len(outcome['done'])} done, {len(outcome['failed'])} failed, {len(outcome['skipped'])} not run; "
+                  f"{tables}", markup=False, highlight=False)
+    for c in outcome["failed"]:
+        err = c.run_dir(home).error()
+        console.print(f"[red]failed[/red] {c.row_id} {c.column_id} seed {c.seed}: {escape(err)} "
+                      f"({escape(str(c.directory(home)))})")
+    return outcome
+
+
+def _run_and_report(spec, cells, notes, executor, home, preset, seeds, command, retries, fail_fast, track, out):
+    """One MLflow parent run around the cells and the tables; KILLED if interrupted."""
+    tracker, parent = start_parent_run(home, spec.name, preset, seeds, command) if track else (None, None)
+    try:
+        outcome = run_cells(cells, executor, home, retries=retries, fail_fast=fail_fast,
+                            parent_run_id=parent, console=console)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("KILLED")
+        raise
+    paths = report(spec, cells, home, out, preset, command, tracker=tracker, notes=notes) if any(
+        c.status(home) == "done" for c in cells if not c.is_start) else []
+    if tracker is not None:
+        tracker.end("FAILED" if outcome["failed"] else "FINISHED")
+    return outcome, paths
+
+
+def train_cell(method: str, preset: str, overrides: list[str], *, ratio: Optional[float] = None,
+               seed: Optional[int] = None, lsm: bool = False, data_root: Optional[Path] = None,
+               device: Optional[str] = None, track: bool = True, home: Optional[Path] = None) -> dict:
+    """`bench train`: one configuration trained in this process (or its cached result), its COCO
+    metrics printed; returns result.json's dict."""
+    from bench.cli_common import check_config, check_device, check_overrides, resolve_home
+    from bench.worker import run_cell
+    from core.config import load_config
+
+    overrides = check_overrides(list(overrides))
+    if device is not None:
+        check_device(device)
+    if ratio is not None:
+        overrides.append(f"data.ratio={ratio}")
+    if data_root is not None:
+        overrides.append(f"data.root={data_root}")
+    if lsm:
+        overrides.append("lsm.enabled=true")
+    cfg = load_config(preset, overrides, method=method, seed=seed, device=device)
+    check_config(cfg)
+    result = run_cell(cfg, resolve_home(home), track=track)
+    print_result(result)
+    return result
+
+
+def print_result(result: dict) -> None:
+    """A cell's COCO metrics, a column per evaluated model, the reported one marked."""
+    table = Table(title=f"{result['method']}{' + LSM' if result['lsm'] else ''}  ratio {result['ratio']:g}%  "
+                        f"seed {result['seed']}  (cell {result['key'][:12]})")
+    names = list(result["metrics"])
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n + (" (reported)" if n == result["primary_model"] else ""), justify="right")
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
+        table.add_row(k, *[f"{result['metrics'][n].get(k, float('nan')):.2f}" for n in names])
+    console.print(table)
+    console.print(f"COCO AP ({result['primary_model']}): {result['metrics'][result['primary_model']]['AP']:.2f}")

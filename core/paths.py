@@ -75,3 +75,148 @@ def done_result(path: Path) -> dict | None:
 def result_ok(path: Path) -> bool:
     """A readable result.json: the cell is done."""
     return done_result(path) is not None
+
+
+def run_dirs(home: Path) -> list["RunDir"]:
+    """Every run directory under HOME/runs, in key order."""
+    return [RunDir(d) for d in sorted((Path(home) / "runs").glob("*/*"))]
+
+
+class RunDir:
+    """One cell's run directory: its files (config.yaml, result.json, failed.json, lock, checkpoints/,
+    mlflow_run_id), its status and its config writer. Path-like: `os.fspath`, `str` and `/` give
+    what the directory's Path gives."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, home: Path, key: str) -> "RunDir":
+        return cls(run_dir(home, key))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def key(self) -> str:
+        return self.path.name
+
+    config_file = property(lambda self: self.path / "config.yaml")
+    result_file = property(lambda self: self.path / "result.json")
+    failed_file = property(lambda self: self.path / "failed.json")
+    lock_file = property(lambda self: self.path / "lock")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    mlflow_run_id_file = property(lambda self: self.path / "mlflow_run_id")
+
+    def status(self) -> str:
+        """done | corrupt (a result.json that cannot be read: not done) | failed | running (a worker
+        holds the cell's lock) | partial (a checkpoint to resume from) | pending."""
+        import fcntl
+
+        if self.result_file.exists():
+            return "done" if result_ok(self.result_file) else "corrupt"
+        if self.failed_file.exists():
+            return "failed"
+        if self.lock_file.exists():
+            with self.lock_file.open("a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    return "running"
+        if (self.checkpoints / "last_checkpoint").exists():
+            return "partial"
+        return "pending"
+
+    def result(self) -> dict:
+        """result.json; `CorruptFile` if it cannot be used."""
+        return read_result(self.result_file)
+
+    def done_result(self) -> dict | None:
+        return done_result(self.result_file)
+
+    def error(self) -> str:
+        """The error failed.json records."""
+        return json.loads(self.failed_file.read_text())["error"]
+
+    def record_failure(self, error: str, traceback: str = "") -> None:
+        """failed.json, unless the cell already has one or is done."""
+        if not self.failed_file.exists() and not self.result_file.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.failed_file.write_text(json.dumps({"error": error, "traceback": traceback}))
+
+    def config(self) -> dict:
+        """config.yaml as written (yaml's errors, or whatever a hand edit left, pass up to the caller)."""
+        import yaml
+
+        return yaml.safe_load(self.config_file.read_text())
+
+    def write_config(self, cfg) -> Path:
+        """The cell's config.yaml (a RunConfig, dumped as `core.config.dump_config` writes it)."""
+        from core.config import dump_config
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(dump_config(cfg))
+        return self.config_file
+
+    def unreadable(self) -> bool:
+        """A result.json or config.yaml that cannot be read (`bench clean --corrupt` removes the directory)."""
+        if self.status() == "corrupt":
+            return True
+        try:
+            return self.config_file.exists() and not isinstance(self.config(), dict)
+        except Exception:
+            return True
+
+    def summary(self) -> dict:
+        """What `bench status` lists: key, method, lsm, preset, ratio, seed, status, AP of the reported
+        model (None if none), and `problems`: why the directory counts as corrupt."""
+        state, ap, problems = self.status(), None, []
+        try:
+            cfg = self.config()
+            row = {"method": cfg["method"] + (":burn-in" if cfg.get("stage") == "burn_in" else ""),
+                   "lsm": bool(cfg["lsm"]["enabled"]), "preset": cfg["preset"], "ratio": cfg["data"]["ratio"],
+                   "seed": cfg["seed"]}
+        except Exception as err:  # a truncated or hand-edited config.yaml: named, the other runs still listed
+            state, row = "corrupt", dict.fromkeys(("method", "lsm", "preset", "ratio", "seed"))
+            problems.append(f"{self.config_file} is unreadable ({type(err).__name__}); `bench clean --corrupt` "
+                            "removes the run directory")
+        if state == "done":
+            r = self.result()
+            if "metrics" in r:  # a burn-in cell has a checkpoint, no metrics
+                ap = r["metrics"][r["primary_model"]].get("AP", float("nan"))
+        elif self.result_file.exists() and self.status() == "corrupt":
+            try:
+                self.result()
+            except CorruptFile as err:
+                problems.append(str(err))
+        return {"key": self.key, **row, "status": state, "AP": ap, "problems": problems}
+
+
+def remove_runs(home: Path, *, failed: bool = False, corrupt: bool = False, all_: bool = False) -> int:
+    """Remove the failed run directories, the unreadable ones, or all; returns how many went."""
+    import shutil
+
+    if not (failed or corrupt or all_):
+        raise BenchError("say what to remove: --failed, --corrupt or --all")
+    removed = 0
+    for d in run_dirs(home):
+        if all_ or (failed and d.failed_file.exists()) or (corrupt and d.unreadable()):
+            shutil.rmtree(d.path)
+            removed += 1
+    return removed

@@ -1,4 +1,4 @@
-"""`bench study figure5 | table5 | tune`, `bench figure NAME`, `bench ui`.
+"""`bench study figure5 | table5 | tune`, `bench figure NAME`, `bench ui` (bench/cli.py mounts them).
 
 Studies run their trials as cells through the worker (cached cells cost nothing) and are resumable:
 rerunning the same command continues the study. `figure` only reads what is done (or trains the
@@ -37,6 +37,7 @@ OUT_OPT = typer.Option(Path("results"), help="Where figures and tables are writt
 NAME_OPT = typer.Option(None, "--name", help="Study name (default: from the command and preset).")
 RATIO_OPT = typer.Option(None, "--ratio", help="Labeled % (default: the paper's 1%, or on a preset where 1% "
                          "gives fewer than 2 labeled images per class, the smallest of 2, 5, 10, ... that does).")
+PRESET_OPT = typer.Option("demo", help="Preset.")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -57,11 +58,25 @@ def _summary(study, defn) -> str:
     return f"study {defn.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
 
 
+def _run(defn, home: Path, storage: Optional[str], workers: int, track: bool, command: str):
+    """A study run (or continued) to its end, its trial counts said."""
+    from studies.run import run_study
+
+    study = run_study(defn, home, storage, workers, track, command, log=say)
+    say(_summary(study, defn))
+    return study
+
+
+def _notes(notes: list[str]) -> None:
+    for n in notes:
+        console.print(f"[dim]{escape(n)}[/dim]")
+
+
 # -- bench study figure5 ---------------------------------------------------------------------------
 @study_app.command("figure5", context_settings=EXTRA)
 def figure5(ctx: typer.Context,
             seeds: int = typer.Option(3, help="Seeds per grid point (seed i trains on split fold i)."),
-            preset: str = typer.Option("demo", help="Preset."),
+            preset: str = PRESET_OPT,
             grid: Optional[str] = typer.Option(None, help="Thresholds, e.g. 0.3,0.5,0.7 (default 0.3 ... 0.9)."),
             ratio: Optional[float] = RATIO_OPT,
             workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
@@ -72,19 +87,13 @@ def figure5(ctx: typer.Context,
     OUT/figure5_data.csv.
     """
     from studies.definitions import figure5_defs, study_ratio
-    from studies.run import run_study
 
     home = resolve_home(home)
     ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
     defs, grid_notes = figure5_defs(preset, list(ctx.args), seeds, _floats(grid, "--grid"), name, ratio)
-    for n in notes + grid_notes:
-        console.print(f"[dim]{escape(n)}[/dim]")
+    _notes(notes + grid_notes)
     command = invocation()
-    done = []
-    for d in defs:
-        study = run_study(d, home, storage, workers, track, command, log=say)
-        say(_summary(study, d))
-        done.append((study, d))
+    done = [(_run(d, home, storage, workers, track, command), d) for d in defs]
     png, csv = write_figure5(done, preset, out, command)
     say(f"figure: {png}  data: {csv}")
 
@@ -115,7 +124,7 @@ def write_figure5(studies, preset: str, out: Path, command: str) -> tuple[Path, 
 @study_app.command("table5", context_settings=EXTRA)
 def table5(ctx: typer.Context,
            seeds: int = typer.Option(3, help="Seeds per row (seed i trains on split fold i)."),
-           preset: str = typer.Option("demo", help="Preset."),
+           preset: str = PRESET_OPT,
            rows: Optional[str] = typer.Option(None, help="Only these Table 5 rows, e.g. baseline,pim_p3p4."),
            ratio: Optional[float] = RATIO_OPT,
            workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
@@ -125,16 +134,13 @@ def table5(ctx: typer.Context,
     Writes OUT/table5.{md,csv,tex,html} through the same renderer as `bench report table5`.
     """
     from studies.definitions import study_ratio, table5_def
-    from studies.run import run_study
 
     home = resolve_home(home)
     ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
-    for n in notes:
-        console.print(f"[dim]{escape(n)}[/dim]")
+    _notes(notes)
     d = table5_def(preset, list(ctx.args), seeds, rows.split(",") if rows else None, name, ratio)
     command = invocation()
-    study = run_study(d, home, storage, workers, track, command, log=say)
-    say(_summary(study, d))
+    study = _run(d, home, storage, workers, track, command)
     paths = write_table5(study, d, preset, out, command)
     console.print(paths[0].read_text(), markup=False, highlight=False)
 
@@ -165,7 +171,7 @@ def tune(ctx: typer.Context,
          trials: int = typer.Option(20, help="Trials to finish (complete, pruned or failed), over all reruns."),
          seed: int = typer.Option(1, help="Training seed and split fold of every trial."),
          sampler_seed: int = typer.Option(0, help="TPE seed (worker i uses seed + i)."),
-         preset: str = typer.Option("demo", help="Preset."),
+         preset: str = PRESET_OPT,
          workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
          track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
     """Joint TPE search with median pruning on the periodic evaluation AP.
@@ -174,12 +180,10 @@ def tune(ctx: typer.Context,
     Writes OUT/<study>_trials.csv.
     """
     from studies.definitions import tune_def
-    from studies.run import run_study
 
     home = resolve_home(home)
     d = tune_def(preset, list(ctx.args), method, lsm, trials, seed, sampler_seed, name)
-    study = run_study(d, home, storage, workers, track, invocation(), log=say)
-    say(_summary(study, d))
+    study = _run(d, home, storage, workers, track, invocation())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{d.name}_trials.csv"
@@ -194,31 +198,47 @@ def tune(ctx: typer.Context,
 
 
 # -- bench figure ----------------------------------------------------------------------------------
-FIGURES = ("fig1", "fig4", "pl-quality", "figure5", "deltas")
+FIGURES = ("fig1", "fig4", "pl-quality", "figure5", "deltas", "samples")
 
 
 def figure(ctx: typer.Context,
-           name: str = typer.Argument(..., help="fig1, fig4, pl-quality, figure5 or deltas (then TABLE: "
-                                      "`bench figure deltas table1`)."),
-           preset: str = typer.Option("demo", help="Preset."),
+           name: str = typer.Argument(..., help="fig1, fig4, pl-quality, figure5, samples, or deltas TABLE "
+                                      "(the table's LSM − baseline pairs as a forest plot)."),
+           preset: str = PRESET_OPT,
            seeds: int = typer.Option(3, help="fig4 / pl-quality: seeds of each method."),
            ratio: Optional[float] = typer.Option(None, help="Label ratio (fig1 default 100, fig4 default 5)."),
-           score_thresh: Optional[float] = typer.Option(None, help="fig1: pseudo-label score threshold (default semi.t)."),
+           score_thresh: Optional[float] = typer.Option(
+               None, help="fig1: pseudo-label score threshold (default semi.t); samples: lowest score drawn "
+               "(default 0.1)."),
            train: bool = typer.Option(False, "--train", help="Train the cells that are not done (else: error)."),
            study_name: Optional[str] = typer.Option(None, "--name", help="figure5: the studies' base name."),
+           run: Optional[str] = typer.Option(
+               None, "--run", help="samples: the cell to draw (run directory or key prefix); default: a finished "
+               "ubteacher cell of --preset."),
+           images: int = typer.Option(4, "--images", min=1, help="samples: how many unlabeled images."),
            storage: Optional[str] = STORAGE_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
-    """Draw a paper figure from finished cells: PNG + the CSV behind it, the command in both.
+    """Draw a figure from finished cells: PNG + the CSV behind it, the command in both.
 
-    Extra arguments are config overrides; fig4 needs periodic evaluations (solver.eval_period=N).
-    deltas TABLE: the table's LSM − baseline pairs as a forest plot (mean delta over paired seeds,
-    95% CI, n, the paper's delta), from the cells `bench report TABLE` reads.
+    samples: a trained teacher's detections on a few unlabeled images and their hidden ground truth.
+
+    Boxes are coloured by score: dotted <= alpha (dropped), dashed (alpha, t] (LSM only), solid > t.
+
+    fig1, fig4, pl-quality: extra arguments are config overrides; fig4 needs solver.eval_period=N.
     """
+    if name not in FIGURES:
+        raise BenchError(f"unknown figure '{name}'; figures: {', '.join(FIGURES)}")
     home = resolve_home(home)
     overrides = list(ctx.args)
     command = invocation()
-    if name not in FIGURES:
-        raise BenchError(f"unknown figure '{name}'; figures: {', '.join(FIGURES)}")
-    if name == "deltas":
+    if name == "samples":
+        if overrides:
+            raise BenchError(f"figure samples takes no config overrides (got {' '.join(overrides)}); "
+                             "choose the cell with --run")
+        from bench.report.samples import samples_figure
+
+        png, csv = samples_figure(home, preset, run, images, 0.1 if score_thresh is None else score_thresh, out,
+                                  command)
+    elif name == "deltas":
         png, csv = _deltas(ctx, overrides, preset, seeds, ratio, home, out, command)
     elif name == "figure5":
         from studies.definitions import FIGURE5_CURVES
@@ -317,16 +337,14 @@ def _fig4(name, preset, overrides, seeds, ratio, train, home, out, command):
 
 def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
     """Paper Figure 1: a supervised detector on all labels; its confident detections on val."""
-    import torch
-
-    from adapters.base import get_adapter
+    from bench.cli_common import load_trained
     from core.config import load_config
     from core.data.sources import prepare_data
     from core.paths import run_dir
     from bench.report.figures import iou_vs_area, plot_iou_vs_area, save
     from bench.keys import cell_key
     from core.data.transforms import view_settings
-    from bench.worker import resolve_device, run_cell
+    from bench.worker import run_cell
     from adapters.engine.inference import run_inference
 
     cfg = load_config(preset, overrides + [f"data.ratio={ratio:g}"], method="supervised", seed=1)
@@ -337,11 +355,8 @@ def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
             raise BenchError(f"the supervised cell at {ratio:g}% labels is not trained; pass --train or run "
                              f"`bench train --method supervised --preset {preset} --ratio {ratio:g}`")
         run_cell(cfg, home)
-    device = resolve_device(cfg.device)
-    adapter = get_adapter("supervised")(cfg, data.num_classes, device)
-    state = torch.load(rdir / "model_final.pth", map_location="cpu", weights_only=True)
-    name, model = next(iter(adapter.eval_models().items()))
-    model.load_state_dict(state[name])
+    adapter, device = load_trained(cfg, data, rdir / "model_final.pth")
+    model = next(iter(adapter.eval_models().values()))
     dets = run_inference(model, data.val, view_settings(cfg.data.aug, False), device)
     thresh = cfg.semi.t if score_thresh is None else score_thresh
     df = iou_vs_area(dets, data.val, thresh, cfg.eval.area_scale)

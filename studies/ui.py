@@ -2,31 +2,25 @@
 
 MLflow runs as `mlflow server` with the absolute sqlite path of BENCH_HOME (never a database in
 the current directory) and the home's artifact folder; optuna-dashboard (the `dashboard` extra)
-serves the journal file or RDB URL of the studies. Both are child processes of `bench ui`.
+serves the journal file or RDB URL of the studies. Both are child processes of `bench ui`; starting,
+waiting for and stopping them is bench/serve.py's. `serve_optuna` is `bench serve optuna`.
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
 
 from bench import tracking
+from bench.serve import HOST, Service, check_port, hide_password, spawn, stop, wait
 from core.errors import BenchError
 from studies.storage import default_url
 
-HOST = "127.0.0.1"
-
-
-@dataclass
-class Service:
-    name: str
-    url: str
-    process: subprocess.Popen | None  # None: an MLflow server the environment already points at
+console = Console()
 
 
 def dashboard_available() -> bool:
@@ -35,15 +29,6 @@ def dashboard_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _check_port(port: int, what: str, option: str) -> None:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is free
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            raise BenchError(f"port {port} on {HOST} is in use; pass another {option} for {what}") from None
 
 
 def start(home: Path, storage_url: str | None = None, port: int = 5000, dashboard_port: int = 8080,
@@ -58,65 +43,25 @@ def start(home: Path, storage_url: str | None = None, port: int = 5000, dashboar
         if uri.startswith("http"):
             services.append(Service("MLflow", uri, None))
         else:
-            _check_port(port, "MLflow", "--port")
+            check_port(port, "MLflow", "--port")
             services.append(Service("MLflow", f"http://{HOST}:{port}",
                                     tracking.spawn_mlflow_server(home, port, log_dir / "mlflow.log")))
         if dashboard:
             if not dashboard_available():
                 raise BenchError("optuna-dashboard is not installed; pip install 'lsm-bench[dashboard]' "
                                  "or pass --no-dashboard")
-            _check_port(dashboard_port, "optuna-dashboard", "--dashboard-port")
+            check_port(dashboard_port, "optuna-dashboard", "--dashboard-port")
             cmd = [sys.executable, "-m", "studies.ui", "--storage", storage_url or default_url(home),
                    "--home", str(home), "--port", str(dashboard_port)]
             services.append(Service("optuna-dashboard", f"http://{HOST}:{dashboard_port}",
-                                    _spawn(cmd, log_dir / "optuna-dashboard.log")))
+                                    spawn(cmd, log_dir / "optuna-dashboard.log")))
         deadline = time.time() + timeout
         for s in services:
-            _wait(s, deadline, log_dir)
+            wait(s, deadline, log_dir)
     except BaseException:
         stop(services)
         raise
     return services
-
-
-def stop(services: list[Service]) -> None:
-    """SIGTERM to each server's own process group (mlflow server's workers included), then wait."""
-    import os
-    import signal
-
-    for s in services:
-        if s.process is not None and s.process.poll() is None:
-            os.killpg(s.process.pid, signal.SIGTERM)
-    for s in services:
-        if s.process is not None:
-            try:
-                s.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(s.process.pid, signal.SIGKILL)
-                s.process.wait()
-
-
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
-    import os
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    with log.open("w") as f:
-        # its own process group: the mlflow server's uvicorn workers stop with it
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _wait(s: Service, deadline: float, log_dir: Path) -> None:
-    while time.time() < deadline:
-        if s.process is not None and s.process.poll() is not None:
-            raise BenchError(f"{s.name} exited at start (code {s.process.returncode}); see {log_dir}")
-        try:
-            with urllib.request.urlopen(s.url, timeout=2) as r:
-                if r.status < 500:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise BenchError(f"{s.name} did not answer on {s.url} in time; see {log_dir}")
 
 
 def _serve_dashboard(argv: list[str] | None = None) -> None:
@@ -133,6 +78,35 @@ def _serve_dashboard(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args(argv)
     run_server(open_storage(args.home, args.storage), host=HOST, port=args.port)
+
+
+def serve_optuna(home: Path, backend_store: Optional[str], host: str, public: str, port: int,
+                 dashboard: bool) -> None:
+    """`bench serve optuna`: connect to the studies' storage (creating its tables), print the --storage
+    value for `bench study ...`, then serve optuna-dashboard over it until Ctrl-C."""
+    from studies.storage import is_rdb, open_storage
+
+    url = backend_store or default_url(home)
+    storage = open_storage(home, url)  # a BenchError naming the fix if the database is not reachable
+    shown = hide_password(url)
+    console.print(f"Optuna storage: {shown} ({len(storage.get_all_studies())} studies)", markup=False, highlight=False)
+    if not is_rdb(url):
+        console.print("[dim]a journal file: every worker must see it on the shared filesystem; for workers on "
+                      "several nodes a PostgreSQL URL (--backend-store postgresql+psycopg://...) adds "
+                      "heartbeats[/dim]")
+    console.print("studies use it with:")
+    console.print(f"bench study figure5 --storage '{shown}'", markup=False, highlight=False, soft_wrap=True)
+    if not dashboard:
+        return
+    if not dashboard_available():
+        raise BenchError("optuna-dashboard is not installed; pip install 'lsm-bench[dashboard]' or pass --no-dashboard")
+    from optuna_dashboard import run_server
+
+    console.print(f"optuna-dashboard: http://{public}:{port}  (Ctrl-C stops it)", markup=False, highlight=False)
+    try:
+        run_server(storage, host=host, port=port)
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

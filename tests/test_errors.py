@@ -35,11 +35,8 @@ def one_line(err: str) -> bool:
 
 def fake_done(cell, home, ap=30.0):
     """A finished cell's result.json without training it (the report only reads this file)."""
-    d = cell.directory(home)
-    d.mkdir(parents=True, exist_ok=True)
-    from core.config import dump_config
-
-    (d / "config.yaml").write_text(dump_config(cell.config))
+    d = cell.run_dir(home)
+    d.write_config(cell.config)
     result = {"key": cell.key, "method": cell.config.method, "lsm": cell.config.lsm.enabled, "preset": "demo",
               "ratio": cell.config.data.ratio, "seed": cell.seed, "iterations": cell.iterations,
               "primary_model": "teacher", "metrics": {"teacher": {"AP": ap}}}

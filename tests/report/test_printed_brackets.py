@@ -72,5 +72,7 @@ def test_a_failed_cells_error_keeps_its_brackets(monkeypatch):
 
     cli.console.print(f"[red]failed[/red] ubteacher coco_standard_1 seed 1: {escape(err)} ({escape('/runs/[x]')})")
     assert f"failed ubteacher coco_standard_1 seed 1: {err} (/runs/[x])" in buf.getvalue()
-    source = open(cli.__file__).read()  # the line `bench run` prints is the escaped one
+    import bench.runner
+
+    source = open(bench.runner.__file__).read()  # the line `bench run` prints (bench.runner.run_table) is the escaped one
     assert "{escape(err)}" in source and "{escape(str(c.directory(home)))}" in source
