@@ -1,0 +1,106 @@
+"""`bench run` with config overrides, and the listings of `bench plan` / `bench status` in every
+--format: full keys and method names wherever stdout is not a terminal."""
+
+import csv
+import io
+import json
+import re
+
+import pytest
+
+from tests.test_errors import TABLE, cli, fake_done, mini_cells, one_line
+
+RUN = ["--no-track", "--devices", "cpu"]
+FULL_KEY = re.compile(r"\b[0-9a-f]{64}\b")
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """bench.runner.run_cells replaced by a recorder: the cells each `bench run` hands over, none trained."""
+    import bench.runner
+
+    runs = []
+
+    def record(cells, executor, home, **_):
+        runs.append(cells)
+        return {"done": [], "failed": [], "skipped": []}
+
+    monkeypatch.setattr(bench.runner, "run_cells", record)
+    return runs
+
+
+def test_run_overrides_enter_every_cells_config_and_key(tmp_path, monkeypatch, capsys, planned):
+    code, _, err = cli(monkeypatch, capsys, "run", *TABLE, *RUN, home=tmp_path)
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "run", *TABLE, "semi.lambda_u=3.5", *RUN, home=tmp_path)
+    assert code == 0, err
+    plain, changed = ([c for c in cells if not c.is_start] for cells in planned)
+    assert [(c.row_id, c.column_id, c.seed) for c in plain] == [(c.row_id, c.column_id, c.seed) for c in changed]
+    assert len(changed) == 4 and all(c.config.semi.lambda_u == 3.5 for c in changed)
+    assert all(c.config.semi.lambda_u != 3.5 for c in plain)
+    assert not {c.key for c in plain} & {c.key for c in changed}  # other cells, not the cached ones
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/*/result.json"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method=foo", "override 'method=foo': method is not an override here; set it with a spec row's `method`"),
+    ("data.fold=2", "override 'data.fold=2': data.fold is not an override here; set it with --seeds"),
+    ("solver.lr=0.1", "unknown config key 'solver.lr'"),
+    ("solver.max_iter", "override 'solver.max_iter' is not of the form key=value"),
+])
+def test_run_refuses_a_bad_override_before_anything_runs(tmp_path, monkeypatch, capsys, planned, override, message):
+    code, _, err = cli(monkeypatch, capsys, "run", *TABLE, override, *RUN, home=tmp_path / "store")
+    assert code == 2 and message in err and one_line(err), err
+    assert planned == [] and not (tmp_path / "store" / "runs").exists()
+
+
+def _plan_cells(home):
+    return [c for c in mini_cells(home) if not c.is_start]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_plan_csv_and_json_have_full_keys_and_method_names(tmp_path, monkeypatch, capsys, fmt):
+    cells = mini_cells(tmp_path)
+    fake_done(next(c for c in cells if c.row_id == "ubteacher_lsm"), tmp_path)
+    code, out, err = cli(monkeypatch, capsys, "plan", *TABLE, "--format", fmt, home=tmp_path)
+    assert code == 0, err
+    rows = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
+    assert [r["key"] for r in rows] == [c.key for c in cells]  # 64 hex digits, not 12
+    assert [r["method"] for r in rows] == [c.config.method for c in cells]
+    assert {r["row"] for r in rows} == {"burn-in", "ubteacher", "ubteacher_lsm"}
+    assert sorted(r["status"] for r in rows).count("done") == 1
+    assert "training iterations left" in err and "csd" in err  # notes and the summary: stderr, not the data
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_status_csv_and_json_have_full_keys_and_method_names(tmp_path, monkeypatch, capsys, fmt):
+    cells = _plan_cells(tmp_path)
+    for c in cells[:2]:
+        fake_done(c, tmp_path, ap=12.5)
+    code, out, err = cli(monkeypatch, capsys, "status", "--format", fmt, home=tmp_path)
+    assert code == 0, err
+    rows = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
+    assert sorted(r["key"] for r in rows) == sorted(c.key for c in cells[:2])
+    assert {r["method"] for r in rows} == {"ubteacher"} and {str(r["status"]) for r in rows} == {"done"}
+    assert {float(r["AP"]) for r in rows} == {12.5}
+    assert "2 done" in err
+
+
+def test_the_table_is_not_cut_when_stdout_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    cells = _plan_cells(tmp_path)
+    fake_done(cells[0], tmp_path)
+    from rich.console import Console
+
+    # 40 columns would cut names and keys; stdout here is not a terminal, so nothing is cut
+    monkeypatch.setattr("bench.cli_common.console", Console(width=40))
+    code, out, err = cli(monkeypatch, capsys, "plan", *TABLE, home=tmp_path)
+    assert code == 0, err
+    assert {c.key for c in cells} <= set(FULL_KEY.findall(out)) and "ubteacher_lsm" in out and "…" not in out
+    code, out, err = cli(monkeypatch, capsys, "status", home=tmp_path)
+    assert code == 0, err
+    assert FULL_KEY.findall(out) == [cells[0].key] and "1 done" in out and "…" not in out
+
+
+def test_an_unknown_format_is_one_line(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "status", "--format", "xml", home=tmp_path)
+    assert code == 2 and "--format xml: use table, csv or json" in err and one_line(err), err
