@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from core.errors import BenchError
 from core.methods import import_adapter_module
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
@@ -99,16 +100,11 @@ class MeanTeacherAdapter(Adapter):
     first; with `lsm.enabled`, LSM's F_aux on the student and the PIM/SD losses (adapters/lsm.py).
     Subclasses write `training_step`, `hooks` (their teacher update) and `eval_models`."""
 
-    supports_naive_large_area: ClassVar[bool] = False  # Table 5's row 2 is a UBT variant
-
     def __init__(self, cfg, num_classes: int, device: torch.device):
         import copy
 
         from adapters.lsm import PIM, attach_aux_classifier
 
-        if cfg.lsm.enabled and cfg.lsm.naive_large_area and not self.supports_naive_large_area:
-            raise BenchError(f"lsm.naive_large_area (Table 5's UBT variant) is not defined for {cfg.method}; "
-                             "set lsm.naive_large_area=false")
         super().__init__(cfg, num_classes, device)
         if cfg.semi.burn_in >= cfg.solver.max_iter:
             raise BenchError(f"semi.burn_in ({cfg.semi.burn_in}) must be below solver.max_iter "

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters.base import Adapter, StepOutput, batch_to_device, register
-from adapters.engine.mean_teacher import pseudo_label_stats
-from adapters.lsm import downsample, kl_aux_to_main, sd_mask
+from adapters.engine.mean_teacher import pixel_scales, pseudo_label_metrics
+from adapters.lsm import alpha_set, downsample, kl_aux_to_main, lowest_threshold, sd_mask
 from adapters.models.deformable_detr import (
     DeformableDETR,
     DetrOutputs,
@@ -80,9 +79,6 @@ class DeformableDetrAdapter(Adapter):
         if lsm.enabled and d.strategy == "supervised":
             raise BenchError("LSM learns pseudo-labels, which ddetr.strategy=supervised has none of; use "
                              "ddetr.strategy=stac or pretrain_finetune, or lsm.enabled=false")
-        if lsm.enabled and lsm.naive_large_area:
-            raise BenchError("lsm.naive_large_area (Table 5's UBT variant) is not defined for ddetr; "
-                             "set lsm.naive_large_area=false")
         # not Adapter.__init__: the student is a Deformable DETR, not the Faster R-CNN
         self.cfg, self.device, self.num_classes = cfg, device, num_classes
         self.ddetr, self.lsm = d, lsm
@@ -104,7 +100,7 @@ class DeformableDetrAdapter(Adapter):
 
     def attach_pseudo_labels(self, pseudo: PseudoLabels) -> None:
         """STAC's stage-2 file (called by the worker, bench/teacher.py); a supervised DDETR ignores it."""
-        pseudo.check_covers(min(self.t, self.lsm.alpha) if self.lsm.enabled else self.t, "semi.t / lsm.alpha")
+        pseudo.check_covers(lowest_threshold(self.t, self.lsm), "semi.t / lsm.alpha")
         self.pseudo_labels = pseudo
 
     def unlabeled_start(self) -> int:
@@ -204,11 +200,7 @@ class DeformableDetrAdapter(Adapter):
                 terms[f"{k}_unsup" if k != "loss_sd" else k] = (lsm.sd_weight if k == "loss_sd" else lsm.pim_weight) * v
 
         hidden_gt = [{"boxes": v.boxes.to(self.device), "labels": v.labels.to(self.device)} for v in views]
-        scale = [1.0 / abs(np.linalg.det(v.matrix[:2, :2])) for v in views]
-        area = self.cfg.eval.area_scale
         main_set = [{k: v[p["scores"] >= self.t] for k, v in p.items()} for p in pseudo]
-        metrics = pseudo_label_stats(main_set, hidden_gt, scale, area, prefix="pl")
-        if lsm.enabled:
-            alpha_set = [{k: v[p["scores"] > lsm.alpha] for k, v in p.items()} for p in pseudo]
-            metrics.update(pseudo_label_stats(alpha_set, hidden_gt, scale, area, prefix="pl_alpha"))
+        metrics = pseudo_label_metrics(hidden_gt, pixel_scales([v.matrix for v in views]), self.cfg.eval.area_scale,
+                                       pl=main_set, pl_alpha=alpha_set(pseudo, lsm.alpha) if lsm.enabled else None)
         return terms, metrics

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from adapters.engine.mean_teacher import filter_pseudo_labels
 from adapters.models.faster_rcnn import FasterRCNN, RoISamples, TrainForward, pool_by_level
 
 # Shifted source level name -> the main pyramid level it aligns with (same stride in image coords).
@@ -81,6 +82,17 @@ def kl_aux_to_main(main_logits: Tensor, aux_logits: Tensor) -> Tensor:
     log_p_main = F.log_softmax(main_logits, dim=-1)
     log_p_aux = F.log_softmax(aux_logits, dim=-1)
     return (log_p_aux.exp() * (log_p_aux - log_p_main)).sum(-1).mean()
+
+
+def lowest_threshold(threshold: float, lsm) -> float:
+    """The lowest pseudo-label score a method reads: its own `threshold`, or alpha when LSM is on
+    and alpha is lower (PIM learns the boxes above alpha)."""
+    return min(threshold, lsm.alpha) if lsm.enabled else threshold
+
+
+def alpha_set(pseudo: list[dict], alpha: float) -> list[dict]:
+    """PIM's pseudo-labels: each image's boxes (with labels and scores) scoring above alpha."""
+    return filter_pseudo_labels(pseudo, alpha)
 
 
 def uncertain_marks(pseudo_alpha: list[dict], t: float) -> list[dict]:

@@ -18,7 +18,7 @@ Per iteration after burn-in (the original's `PseCo_FRCNN`):
   iterations after burn-in (the original's unsup_start_iter / unsup_warmup_iter);
 - teacher = EMA of the student's parameters, Soft Teacher's warm-up formula.
 
-Read off `training_step` (LSM paper Eq. 3 with PseCo's unsupervised terms):
+Read off `unlabeled_step`, the step after burn-in (LSM paper Eq. 3 with PseCo's unsupervised terms):
     L = L_sup + lambda_u * ramp * (L_rpn + L_cls + L_reg^PCV + L_rpn^v2 + L_cls^v2 + L_reg^PCV,v2
                                    [+ mlc_weight * L_mlc] [+ pim_weight * L_pim + sd_weight * L_sd])
 With LSM, L_cls and L_cls^v2 leave out the RoIs of pseudo-boxes scored in (alpha, t] (`lsm.ignore_uncertain`).
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,18 +38,15 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 
 from adapters import mlc
-from adapters.base import MeanTeacherAdapter, StepOutput, register, teacher_rpn_settings
-from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
-from adapters.lsm import main_cls_loss, uncertain_marks, uncertain_rois
+from adapters.base import StepOutput, register, teacher_rpn_settings
+from adapters.engine.mean_teacher import filter_pseudo_labels, pixel_scales, pseudo_label_metrics
+from adapters.lsm import alpha_set, lowest_threshold, main_cls_loss, uncertain_marks, uncertain_rois
 from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads, RoISamples, TrainForward,
                                          pool_by_level)
-from adapters.softteacher import (SoftTeacherEMAHook, map_boxes, map_pseudo_labels, select, student_view,
-                                  teacher_and_student_views)
-from core.config import SoftTeacherConfig
-from core.data.transforms import View
+from adapters.student_view import (StudentViewAdapter, map_boxes, map_pseudo_labels, select,
+                                   teacher_and_student_views, teacher_pass)
+from core.streams import PSECO_STUDENT_VIEW
 
-# Salt of the student-view random stream (Soft Teacher's is 104_729; the loader's seed and seed + 7919).
-STUDENT_VIEW_SALT = 130_363
 # MSL's level shift: P_k of the 0.5x view has the stride of P_(k+1) of the full view (in full-view
 # coordinates), so it stands in for that level. The full view's P2 has no source (no P1 of the 0.5x view).
 MSL_SHIFT = {"p2": "p3", "p3": "p4", "p4": "p5", "p5": "p6"}
@@ -247,9 +243,9 @@ class TeacherOutput:
 
 
 @register("pseco")
-class PseCo(MeanTeacherAdapter):
-    labeled_views = ("weak",)  # resize + flip (the original adds one colour op)
-    unlabeled_views = ("weak",)  # the teacher view; the student view is drawn by `student_views`
+class PseCo(StudentViewAdapter):
+    section = "pseco"
+    view_stream = PSECO_STUDENT_VIEW  # Soft Teacher's independent student views on their own stream
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
         super().__init__(cfg, num_classes, device)
@@ -260,10 +256,6 @@ class PseCo(MeanTeacherAdapter):
                 use_sigmoid_focal(model.roi_heads, self.pc.focal_gamma, self.pc.focal_alpha, self.pc.cls_loss_weight)
         self.v2_anchors = shifted_anchor_generator(self.student.rpn.anchor_generator)
 
-    def hooks(self) -> list:
-        return [SoftTeacherEMAHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
-                                   self.pc.ema_warm_up, on_copy=self.on_teacher_copy())]
-
     def eval_models(self) -> dict:
         models = {"teacher": self.teacher}  # the original evaluates the teacher (inference_on="teacher")
         if self.cfg.eval.evaluate_student:
@@ -271,29 +263,17 @@ class PseCo(MeanTeacherAdapter):
         return models
 
     # ------------------------------------------------------------------------------------------
-    def student_views(self, items: list[dict], iteration: int) -> list[View]:
-        """Soft Teacher's independent student views; a pure function of (seed, iteration, position)."""
-        pc = self.pc
-        geo = SoftTeacherConfig(geometric=pc.geometric, translate=pc.translate, rotate=pc.rotate, shear=pc.shear)
-        return [student_view(it["record"], self.cfg.data.aug, geo,
-                             np.random.default_rng([self.cfg.seed, STUDENT_VIEW_SALT, iteration, j]))
-                for j, it in enumerate(items)]
-
     @torch.no_grad()
     def pseudo_label(self, images: list[Tensor]) -> TeacherOutput:
-        teacher, heads = self.teacher, self.teacher.roi_heads
-        teacher.eval()
-        image_list, features = teacher.extract(images)
-        proposals, _ = teacher.rpn(image_list, features, settings=teacher_rpn_settings(self.cfg.semi))
-        logits, deltas = heads.box_predictor(heads.box_features(features, proposals))
-        dets = heads.postprocess(logits, deltas, proposals, image_list.image_sizes)
-        floor = min(self.pc.initial_score_thr, self.lsm.alpha) if self.pim else self.pc.initial_score_thr
-        dets = [{k: v[d["scores"] > floor] for k, v in d.items()} for d in dets]
-        scores = class_scores(heads, logits)
-        best = deltas.reshape(len(deltas), -1, 4)[torch.arange(len(deltas)), scores.argmax(1)]
-        refined = heads.box_coder.decode_single(best, torch.cat(proposals))
-        n = [len(p) for p in proposals]
-        return TeacherOutput(image_list.image_sizes, dets, proposals, list(refined.split(n)), list(scores.split(n)))
+        heads = self.teacher.roi_heads
+        out = teacher_pass(self.teacher, images, teacher_rpn_settings(self.cfg.semi),
+                           lowest_threshold(self.pc.initial_score_thr, self.lsm))
+        scores = class_scores(heads, out.logits)
+        best = out.deltas.reshape(len(out.deltas), -1, 4)[torch.arange(len(out.deltas)), scores.argmax(1)]
+        refined = heads.box_coder.decode_single(best, torch.cat(out.proposals))
+        n = [len(p) for p in out.proposals]
+        return TeacherOutput(out.image_list.image_sizes, out.detections, out.proposals, list(refined.split(n)),
+                             list(scores.split(n)))
 
     def student_unsup(self, images: list[Tensor], rpn_set: list[dict], cls_set: list[dict], proposals: list[Tensor],
                       refined: list[Tensor], scores: list[Tensor],
@@ -357,13 +337,8 @@ class PseCo(MeanTeacherAdapter):
                                                    weights[keep], heads.num_classes, factor, n),
         }
 
-    def training_step(self, iteration: int, batch: dict) -> StepOutput:
-        losses, fwd_l, targets_l = self.supervised_terms(batch)
-        if iteration < self.cfg.semi.burn_in:
-            return StepOutput(losses)
-
+    def unlabeled_step(self, iteration: int, items: list[dict], losses: dict, fwd_l, targets_l) -> StepOutput:
         semi, pc, lsm = self.cfg.semi, self.pc, self.lsm
-        items = batch["unlabeled"]
         images_t, hidden_gt, images_s, to_student = teacher_and_student_views(self, items, iteration)
         sizes_s = [tuple(img.shape[-2:]) for img in images_s]
 
@@ -373,7 +348,7 @@ class PseCo(MeanTeacherAdapter):
         refined = [map_boxes(r, m, s) for r, m, s in zip(teacher_out.refined, to_student, sizes_s)]
         rpn_set = select(pseudo, [p["scores"] > pc.rpn_thr for p in pseudo])
         cls_set = select(pseudo, [p["scores"] > semi.t for p in pseudo])
-        pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo]) if self.pim is not None else None
+        pseudo_pim = alpha_set(pseudo, lsm.alpha) if self.pim is not None else None
         # LSM's ignore region: the RoIs of pseudo-boxes scored in (alpha, t] (adapters/lsm.py)
         candidates = uncertain_marks(pseudo_pim, semi.t) if self.pim is not None and lsm.ignore_uncertain else None
         unsup, fwd_u, weights, n_pos, ignored = self.student_unsup(images_s, rpn_set, cls_set, proposals, refined,
@@ -396,12 +371,10 @@ class PseCo(MeanTeacherAdapter):
         """Pseudo-label quality of the cls set (and LSM's alpha set) in the teacher view against the
         hidden labels, PLA positives per image (before sampling), mean PCV weight of sampled positives."""
         dets = teacher_out.detections
-        scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in items]
-        area = self.cfg.eval.area_scale
-        metrics = pseudo_label_stats(filter_pseudo_labels(dets, self.cfg.semi.t), hidden_gt, scale, area, prefix="pl")
-        if self.pim is not None or self.lsm.alpha >= self.pc.initial_score_thr:  # detections kept above alpha
-            metrics.update(pseudo_label_stats(filter_pseudo_labels(dets, self.lsm.alpha), hidden_gt, scale, area,
-                                              prefix="pl_alpha"))
+        kept = self.pim is not None or self.lsm.alpha >= self.pc.initial_score_thr  # detections kept above alpha
+        metrics = pseudo_label_metrics(hidden_gt, pixel_scales([it["views"]["weak"].matrix for it in items]),
+                                       self.cfg.eval.area_scale, pl=filter_pseudo_labels(dets, self.cfg.semi.t),
+                                       pl_alpha=alpha_set(dets, self.lsm.alpha) if kept else None)
         metrics["pla_pos_per_img"] = n_pos / max(len(items), 1)
         fg = fwd_u.samples.labels < self.num_classes
         if fg.any():

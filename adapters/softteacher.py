@@ -15,14 +15,15 @@ Per iteration after burn-in (the original has burn_in 0):
 - the teacher is an EMA of the student's *parameters* (buffers untouched) with momentum
   min(keep, 1 - (1 + w) / (t + 1 + w)), w = `ema_warm_up` (0), t counted from the copy.
 
-Read off `training_step` (LSM paper Eq. 3 with Soft Teacher's unsupervised terms):
+Read off `unlabeled_step`, the step after burn-in (LSM paper Eq. 3 with Soft Teacher's unsupervised terms):
     L = L_sup + lambda_u * (L_rpn + L_cls^soft + L_reg + pim_weight * L_pim + sd_weight * L_sd)
 With LSM, the RoIs of pseudo-boxes scored in (alpha, t] weigh 0 in L_cls^soft (`lsm.ignore_uncertain`).
 
 The data pipeline's views share one geometry (bench/worker.py builds `weak` and a photometric
-`strong` copy of it), so the student view is built here from the original image: its own
-resize + flip, one geometric op (translate / rotate / shear, recorded in its matrix) and the strong
-photometric recipe of core/data/transforms.py. docs/softteacher.md lists every difference.
+`strong` copy of it), so the student view is drawn by the adapter (adapters/student_view.py, shared
+with PseCo) from the original image: its own resize + flip, one geometric op (translate / rotate /
+shear, recorded in its matrix) and the strong photometric recipe of core/data/transforms.py.
+docs/softteacher.md lists every difference.
 """
 
 from __future__ import annotations
@@ -32,81 +33,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
-from torchvision.ops import boxes as box_ops
 
-from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register, teacher_rpn_settings
-from adapters.engine.ema import ema_update
-from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
-from adapters.lsm import uncertain_marks, uncertain_rois
+from adapters.base import StepOutput, register, teacher_rpn_settings
+from adapters.engine.mean_teacher import filter_pseudo_labels, pixel_scales, pseudo_label_metrics
+from adapters.lsm import alpha_set, lowest_threshold, uncertain_marks, uncertain_rois
 from adapters.models.faster_rcnn import FasterRCNN, TrainForward
-from core.config import SoftTeacherConfig
-from core.data.coco import load_image
-from core.data.transforms import (ViewSettings, HorizontalFlip, ResizeShortestEdge, View, random_geometric,
-                                   relative_matrix, strong_photometric, transform_boxes)
-
-# Salt of the student-view random stream (the loader's streams use seed and seed + 7919).
-STUDENT_VIEW_SALT = 104_729
+from adapters.student_view import (StudentViewAdapter, clip_boxes, map_boxes, map_pseudo_labels, select,
+                                   teacher_and_student_views, teacher_pass)
+from core.streams import SOFTTEACHER_STUDENT_VIEW
 
 
-# ----------------------------------------------------------------------------- the student view
-def student_view(record, aug, st: SoftTeacherConfig, rng: np.random.Generator, photometric: bool = True) -> View:
-    """The student's view of an unlabeled image, drawn independently of the teacher's: resize
-    (short side from `aug.short_sizes`) + flip, then one geometric op, then the strong photometric
-    recipe (colour jitter, grayscale, blur, erasing). `matrix` maps original -> view coordinates."""
-    image = load_image(record.file)
-    img, m = ResizeShortestEdge(tuple(aug.short_sizes), aug.max_size)(image, rng)
-    img, f = HorizontalFlip(aug.flip_prob)(img, rng)
-    m = f @ m
-    if st.geometric:
-        img, g = random_geometric(img, rng, st.translate, st.rotate, st.shear)
-        m = g @ m
-    pixels = TF.pil_to_tensor(img).float().div_(255.0)
-    if photometric:
-        pixels = strong_photometric(pixels, rng, ViewSettings())
-    keep = ~record.iscrowd
-    boxes = clip_boxes(torch.from_numpy(transform_boxes(record.boxes[keep].astype(np.float64), m)).float(),
-                       (img.size[1], img.size[0]))
-    ok = nondegenerate(boxes)
-    return View(image=pixels, boxes=boxes[ok], labels=torch.from_numpy(record.labels[keep])[ok], matrix=m,
-                dropped_crowd=int(record.iscrowd.sum()), dropped_degenerate=int((~ok).sum()))
-
-
-# ----------------------------------------------------------------------------- box geometry
-def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Clip xyxy boxes to an image of size (h, w)."""
-    return box_ops.clip_boxes_to_image(boxes, size)
-
-
-def nondegenerate(boxes: Tensor) -> Tensor:
-    """Boxes with positive width and height (the original's filter_invalid with min_size 0)."""
-    return ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
-
-
-def map_boxes(boxes: Tensor, matrix: np.ndarray, size: tuple[int, int]) -> Tensor:
-    """Boxes of one view into another through `matrix`: bounding box of the 4 mapped corners,
-    clipped to the target image (h, w), as the original's Transform2D.transform_bboxes."""
-    if len(boxes) == 0:
-        return boxes
-    return clip_boxes(transform_boxes(boxes, matrix), size)
-
-
-def map_pseudo_labels(pseudo: list[dict], matrices: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[dict]:
-    """Teacher-view pseudo-labels (boxes + per-box fields) into the student views; boxes that
-    collapse at the image border are dropped with all their fields."""
-    out = []
-    for p, m, size in zip(pseudo, matrices, sizes):
-        boxes = map_boxes(p["boxes"], m, size)
-        ok = nondegenerate(boxes)
-        out.append({k: (boxes if k == "boxes" else v)[ok] for k, v in p.items()})
-    return out
-
-
-def select(pseudo: list[dict], masks: list[Tensor]) -> list[dict]:
-    return [{k: v[m] for k, v in p.items()} for p, m in zip(pseudo, masks)]
-
-
+# ----------------------------------------------------------------------------- Soft Teacher's pseudo-box sets
 def split_pseudo_labels(pseudo: list[dict], initial_thr: float, rpn_thr: float, cls_thr: float,
                         reg_unc_thr: float) -> dict[str, list[dict]]:
     """The three pseudo-box sets of Soft Teacher (not one thresholded set): RPN by score, RoI classification by
@@ -153,28 +91,6 @@ def soft_cls_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
     return (weights * ce).sum() / weights.sum().clamp(min=1.0)
 
 
-def ema_momentum(step: int, keep_rate: float, warm_up: int = 0) -> float:
-    """Keep rate of the teacher at `step` steps after its copy: fast averaging early, then `keep_rate`."""
-    return min(keep_rate, 1.0 - (1.0 + warm_up) / (step + 1.0 + warm_up))
-
-
-class SoftTeacherEMAHook(MeanTeacherHook):
-    """Teacher <- full copy of the student before iteration `start` (the original clones at
-    iteration 0), then EMA of the parameters only (not the buffers) with the warm-up momentum."""
-
-    def __init__(self, teacher, student, start: int, keep_rate: float, warm_up: int = 0, on_copy=None):
-        super().__init__(teacher, student, start, keep_rate, include_buffers=False, on_copy=on_copy)
-        self.warm_up = warm_up
-
-    def before_step(self) -> None:
-        it = self.trainer.iter
-        if it <= self.burn_in:
-            super().before_step()  # the copy at `start` (buffers included: they are equal in the original)
-            return
-        m = ema_momentum(it - self.burn_in, self.keep_rate, self.warm_up)
-        ema_update(self.teacher, self.student, m, include_buffers=False)
-
-
 @dataclass
 class TeacherOutput:
     image_sizes: list[tuple[int, int]]
@@ -183,27 +99,14 @@ class TeacherOutput:
 
 
 # ----------------------------------------------------------------------------- the adapter
-def teacher_and_student_views(adapter, items: list[dict], iteration: int):
-    """(teacher images = the loader's weak views, their hidden labels (statistics only), the images
-    of `adapter.student_views`, the weak -> student matrices): Soft Teacher's and PseCo's setup."""
-    images_t, hidden_gt = batch_to_device(items, "weak", adapter.device)
-    views = adapter.student_views(items, iteration)
-    to_student = [relative_matrix(it["views"]["weak"], v) for it, v in zip(items, views)]
-    return images_t, hidden_gt, [v.image.to(adapter.device) for v in views], to_student
-
-
 @register("softteacher")
-class SoftTeacher(MeanTeacherAdapter):
-    labeled_views = ("weak",)  # resize + flip (the original adds one colour op)
-    unlabeled_views = ("weak",)  # the teacher view; the student view is built by `student_view`
+class SoftTeacher(StudentViewAdapter):
+    section = "softteacher"
+    view_stream = SOFTTEACHER_STUDENT_VIEW
 
     def __init__(self, cfg, num_classes: int, device: torch.device):
         super().__init__(cfg, num_classes, device)
         self.st = cfg.softteacher
-
-    def hooks(self) -> list:
-        return [SoftTeacherEMAHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
-                                   self.st.ema_warm_up, on_copy=self.on_teacher_copy())]
 
     def eval_models(self) -> dict:
         # The original evaluates the student (inference_on="student"), and the paper's SoftTeacher
@@ -211,25 +114,14 @@ class SoftTeacher(MeanTeacherAdapter):
         return {"student": self.student, "teacher": self.teacher}
 
     # ------------------------------------------------------------------------------------------
-    def student_views(self, items: list[dict], iteration: int) -> list[View]:
-        """Independent student views; a pure function of (seed, iteration, position), so resumable."""
-        return [student_view(it["record"], self.cfg.data.aug, self.st,
-                             np.random.default_rng([self.cfg.seed, STUDENT_VIEW_SALT, iteration, j]))
-                for j, it in enumerate(items)]
-
     @torch.no_grad()
     def pseudo_label(self, images: list[Tensor]) -> TeacherOutput:
         """Teacher detections on its view (test settings: score 0.05, NMS 0.5, top 100) above the
         lowest threshold in use, each with its box-jitter uncertainty (inf below initial_score_thr)."""
         teacher = self.teacher
-        teacher.eval()
-        image_list, features = teacher.extract(images)
-        proposals, _ = teacher.rpn(image_list, features, settings=teacher_rpn_settings(self.cfg.semi))
-        heads = teacher.roi_heads
-        logits, deltas = heads.box_predictor(heads.box_features(features, proposals))
-        dets = heads.postprocess(logits, deltas, proposals, image_list.image_sizes)
-        floor = min(self.st.initial_score_thr, self.lsm.alpha) if self.pim else self.st.initial_score_thr
-        dets = [{k: v[d["scores"] > floor] for k, v in d.items()} for d in dets]
+        out = teacher_pass(teacher, images, teacher_rpn_settings(self.cfg.semi),
+                           lowest_threshold(self.st.initial_score_thr, self.lsm))
+        image_list, features, dets = out.image_list, out.features, out.detections
         sure = [d["scores"] > self.st.initial_score_thr for d in dets]
         unc = self.jitter_uncertainty(teacher, features, image_list.image_sizes,
                                       [d["boxes"][s] for d, s in zip(dets, sure)],
@@ -302,20 +194,15 @@ class SoftTeacher(MeanTeacherAdapter):
         fwd = TrainForward(losses, image_list, features, proposals, samples, box_feats, logits, deltas)
         return losses, fwd, weights, ignored
 
-    def training_step(self, iteration: int, batch: dict) -> StepOutput:
-        losses, fwd_l, targets_l = self.supervised_terms(batch)
-        if iteration < self.cfg.semi.burn_in:
-            return StepOutput(losses)
-
+    def unlabeled_step(self, iteration: int, items: list[dict], losses: dict, fwd_l, targets_l) -> StepOutput:
         semi, st, lsm = self.cfg.semi, self.st, self.lsm
-        items = batch["unlabeled"]
         images_t, hidden_gt, images_s, to_student = teacher_and_student_views(self, items, iteration)
         to_teacher = [np.linalg.inv(m) for m in to_student]
 
         teacher_out = self.pseudo_label(images_t)
         pseudo = map_pseudo_labels(teacher_out.detections, to_student, [tuple(img.shape[-2:]) for img in images_s])
         sets = split_pseudo_labels(pseudo, st.initial_score_thr, st.rpn_thr, semi.t, st.reg_unc_thr)
-        pseudo_pim = select(pseudo, [p["scores"] > lsm.alpha for p in pseudo]) if self.pim is not None else None
+        pseudo_pim = alpha_set(pseudo, lsm.alpha) if self.pim is not None else None
         # LSM's ignore region: the RoIs of pseudo-boxes scored in (alpha, t] (adapters/lsm.py)
         candidates = uncertain_marks(pseudo_pim, semi.t) if self.pim is not None and lsm.ignore_uncertain else None
         unsup, fwd_u, weights, ignored = self.student_unsup(images_s, sets["rpn"], sets["cls"], sets["reg"],
@@ -333,16 +220,12 @@ class SoftTeacher(MeanTeacherAdapter):
                  ignored: Tensor) -> dict:
         """Pseudo-label quality (teacher view, against the hidden labels) of the cls, reg and alpha
         sets, mean box uncertainty, mean soft background weight (of the RoIs not ignored)."""
-        dets = teacher_out.detections
-        scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in items]
-        area = self.cfg.eval.area_scale
-        metrics = pseudo_label_stats(filter_pseudo_labels(dets, self.cfg.semi.t), hidden_gt, scale, area, prefix="pl")
-        st = self.st
+        dets, st = teacher_out.detections, self.st
         reg = split_pseudo_labels(dets, st.initial_score_thr, st.rpn_thr, self.cfg.semi.t, st.reg_unc_thr)["reg"]
-        metrics.update(pseudo_label_stats(reg, hidden_gt, scale, area, prefix="pl_reg"))
-        if self.pim is not None or self.lsm.alpha >= self.st.initial_score_thr:  # detections kept above alpha
-            metrics.update(pseudo_label_stats(filter_pseudo_labels(dets, self.lsm.alpha), hidden_gt, scale, area,
-                                              prefix="pl_alpha"))
+        kept = self.pim is not None or self.lsm.alpha >= st.initial_score_thr  # detections kept above alpha
+        metrics = pseudo_label_metrics(hidden_gt, pixel_scales([it["views"]["weak"].matrix for it in items]),
+                                       self.cfg.eval.area_scale, pl=filter_pseudo_labels(dets, self.cfg.semi.t),
+                                       pl_reg=reg, pl_alpha=alpha_set(dets, self.lsm.alpha) if kept else None)
         unc = torch.cat([d["unc"][torch.isfinite(d["unc"])] for d in dets])
         if len(unc):
             metrics["pl_box_unc_mean"] = float(unc.mean())

@@ -33,19 +33,18 @@ from torch import Tensor
 
 from adapters import mlc
 from adapters.base import Adapter, StepOutput, batch_to_device, register
-from adapters.engine.mean_teacher import filter_pseudo_labels, pseudo_label_stats
-from adapters.lsm import main_cls_loss, uncertain_rois
+from adapters.engine.mean_teacher import pixel_scales, pseudo_label_metrics
+from adapters.lsm import alpha_set, lowest_threshold, main_cls_loss, uncertain_rois
 from adapters.stac_augment import stac_view
 from core.data.transforms import View, transform_boxes
 from core.data.types import DetectionDataset
 from core.errors import BenchError
+from core.streams import STAC_STRONG_VIEW
 
 # File name of the stage-2 artifact inside the teacher's cell directory.
 PSEUDO_LABEL_FILE = "pseudo_labels.json"
 # Boxes narrower than this in a view are dropped (core/data/transforms.ViewSettings.min_box_size).
 MIN_BOX_SIZE = 1e-5
-# Salt of the strong-view random stream (the loader's streams use seed and seed + 7919).
-STRONG_VIEW_SALT = 130_363
 
 
 # ----------------------------------------------------------------------------- pseudo-label selection
@@ -263,9 +262,6 @@ class StacAdapter(Adapter):
         self.pim = None
         self.pseudo_labels: PseudoLabels | None = None
         if cfg.lsm.enabled:
-            if cfg.lsm.naive_large_area:
-                raise BenchError("lsm.naive_large_area (Table 5's UBT variant) is not defined for stac; "
-                                 "set lsm.naive_large_area=false")
             if cfg.lsm.alpha > self.stac.tau:
                 raise BenchError(f"lsm.alpha ({cfg.lsm.alpha}) must not exceed stac.tau ({self.stac.tau}), "
                                  "the main branch's threshold; lower lsm.alpha")
@@ -275,7 +271,7 @@ class StacAdapter(Adapter):
             self.pim = PIM(cfg.lsm, self.stac.tau, cfg.model)
 
     def attach_pseudo_labels(self, pseudo: PseudoLabels) -> None:
-        pseudo.check_covers(min(self.stac.tau, self.lsm.alpha) if self.pim else self.stac.tau, "stac.tau / lsm.alpha")
+        pseudo.check_covers(lowest_threshold(self.stac.tau, self.lsm), "stac.tau / lsm.alpha")
         self.pseudo_labels = pseudo
 
     def unlabeled_start(self) -> int:
@@ -293,7 +289,7 @@ class StacAdapter(Adapter):
         aug, st = self.cfg.data.aug, self.stac
         return [stac_view(it["record"], tuple(aug.short_sizes), aug.max_size,
                           select_pseudo_labels(self._stored(it), st.tau, st.keep_top_box)["boxes"].numpy(),
-                          np.random.default_rng([self.cfg.seed, STRONG_VIEW_SALT, iteration, j]))
+                          np.random.default_rng([self.cfg.seed, STAC_STRONG_VIEW, iteration, j]))
                 for j, it in enumerate(items)]
 
     def pseudo_targets(self, items: list[dict], views: list[View]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -304,7 +300,7 @@ class StacAdapter(Adapter):
         for it, v in zip(items, views):
             stored = self._stored(it)
             main.append(_to(boxes_into_view(select_pseudo_labels(stored, st.tau, st.keep_top_box), v), self.device))
-            alpha.append(_to(boxes_into_view(filter_pseudo_labels([stored], self.lsm.alpha)[0], v), self.device))
+            alpha.append(_to(boxes_into_view(alpha_set([stored], self.lsm.alpha)[0], v), self.device))
             cut = main_cut(stored["scores"], st.tau, st.keep_top_box)
             both = boxes_into_view({k: x[(stored["scores"] > self.lsm.alpha) | (stored["scores"] >= cut)]
                                     for k, x in stored.items()}, v)
@@ -338,11 +334,9 @@ class StacAdapter(Adapter):
         half = 0.5 if st.average_forwards else 1.0  # the original's mean over its two forwards
         losses = {k: half * v for k, v in terms.items()}
 
-        scale = [1.0 / abs(np.linalg.det(v.matrix[:2, :2])) for v in views]
-        area = self.cfg.eval.area_scale
-        metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, area, prefix="pl")
-        if self.lsm.alpha >= self.pseudo_labels.score_floor:  # the file holds every box above alpha
-            metrics.update(pseudo_label_stats(pseudo_alpha, hidden_gt, scale, area, prefix="pl_alpha"))
+        covered = self.lsm.alpha >= self.pseudo_labels.score_floor  # the file holds every box above alpha
+        metrics = pseudo_label_metrics(hidden_gt, pixel_scales([v.matrix for v in views]), self.cfg.eval.area_scale,
+                                       pl=pseudo_main, pl_alpha=pseudo_alpha if covered else None)
         if ignored is not None:
             metrics["lsm_ignored_rois_per_img"] = int(ignored.sum()) / max(len(items), 1)
         return StepOutput(losses, metrics)

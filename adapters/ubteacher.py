@@ -17,20 +17,18 @@ With `mlc.enabled` (Table 4), lambda_u * mlc.weight * the same two terms on a 0.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from adapters import mlc
 from adapters.base import MeanTeacherAdapter, StepOutput, batch_to_device, register, teacher_rpn_settings
-from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pseudo_label_stats
-from adapters.lsm import main_cls_loss, uncertain_marks, uncertain_rois
+from adapters.engine.mean_teacher import MeanTeacherHook, filter_pseudo_labels, pixel_scales, pseudo_label_metrics
+from adapters.lsm import alpha_set, main_cls_loss, uncertain_marks, uncertain_rois
 
 
 @register("ubteacher")
 class UnbiasedTeacher(MeanTeacherAdapter):
     labeled_views = ("weak", "strong")
     unlabeled_views = ("weak", "strong")
-    supports_naive_large_area = True
 
     def hooks(self) -> list:
         return [MeanTeacherHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
@@ -66,7 +64,7 @@ class UnbiasedTeacher(MeanTeacherAdapter):
         images_us, _ = batch_to_device(batch["unlabeled"], "strong", self.device)
         detections = self.pseudo_label(images_uw)
         # view pixels -> original-image pixels (COCO's size bins and the naive 96^2 are defined there)
-        scale = [1.0 / abs(np.linalg.det(it["views"]["weak"].matrix[:2, :2])) for it in batch["unlabeled"]]
+        scale = pixel_scales([it["views"]["weak"].matrix for it in batch["unlabeled"]])
         if lsm.naive_large_area:  # Table 5 row 2: large low-score boxes go straight to the main branch
             pseudo_main = filter_pseudo_labels(detections, lsm.alpha, min_area=lsm.naive_min_area, high=semi.t,
                                                pixel_scale=scale)
@@ -76,9 +74,8 @@ class UnbiasedTeacher(MeanTeacherAdapter):
         fwd_l = self.student.train_forward(images_l, targets_l)
         fwd_u = self.student.train_forward(images_us, pseudo_main)
         losses = {f"{k}_sup": v for k, v in fwd_l.losses.items()}
-        metrics = pseudo_label_stats(pseudo_main, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl")
-        pseudo_alpha = filter_pseudo_labels(detections, lsm.alpha)  # PIM's set; logged for every run
-        metrics.update(pseudo_label_stats(pseudo_alpha, hidden_gt, scale, self.cfg.eval.area_scale, prefix="pl_alpha"))
+        pseudo_alpha = alpha_set(detections, lsm.alpha)  # PIM's set; logged for every run
+        metrics = pseudo_label_metrics(hidden_gt, scale, self.cfg.eval.area_scale, pl=pseudo_main, pl_alpha=pseudo_alpha)
         loss_cls_u = fwd_u.losses["loss_cls"]
         if self.pim is not None and lsm.ignore_uncertain:
             # LSM's ignore region: the RoIs of pseudo-boxes scored in (alpha, t] (adapters/lsm.py)

@@ -1,10 +1,13 @@
-"""Mean-teacher pieces: the burn-in/EMA hook, pseudo-label filtering and their quality statistics."""
+"""Mean-teacher pieces: the burn-in/EMA hooks, pseudo-label filtering and their quality statistics."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from adapters.engine.ema import ema_update
@@ -15,18 +18,17 @@ from adapters.engine.hooks import HookBase
 AREA_BOUNDS = (32.0, 96.0)
 
 
+@dataclass(eq=False, repr=False)  # no field-wise == or repr: the fields hold the two models
 class MeanTeacherHook(HookBase):
     """Before iteration `burn_in`: teacher <- exact copy of the student (and `on_copy()`, e.g. LSM
     initialises F_aux there); before every later iteration: teacher <- EMA(teacher, student)."""
 
-    def __init__(self, teacher, student, burn_in: int, keep_rate: float, include_buffers: bool = True,
-                 on_copy=None):
-        self.teacher = teacher
-        self.student = student
-        self.burn_in = burn_in
-        self.keep_rate = keep_rate
-        self.include_buffers = include_buffers
-        self.on_copy = on_copy
+    teacher: nn.Module
+    student: nn.Module
+    burn_in: int
+    keep_rate: float
+    include_buffers: bool = True
+    on_copy: Callable[[], None] | None = None
 
     def before_step(self) -> None:
         it = self.trainer.iter
@@ -36,6 +38,29 @@ class MeanTeacherHook(HookBase):
             self.teacher.load_state_dict(self.student.state_dict())
         elif it > self.burn_in:
             ema_update(self.teacher, self.student, self.keep_rate, self.include_buffers)
+
+
+def ema_momentum(step: int, keep_rate: float, warm_up: int = 0) -> float:
+    """Keep rate of the teacher at `step` steps after its copy: fast averaging early, then `keep_rate`."""
+    return min(keep_rate, 1.0 - (1.0 + warm_up) / (step + 1.0 + warm_up))
+
+
+class SoftTeacherEMAHook(MeanTeacherHook):
+    """Soft Teacher's and PseCo's teacher: a full copy of the student before iteration `start` (the
+    original clones at iteration 0), then EMA of the parameters only (not the buffers) with the
+    warm-up momentum `ema_momentum`."""
+
+    def __init__(self, teacher, student, start: int, keep_rate: float, warm_up: int = 0, on_copy=None):
+        super().__init__(teacher, student, start, keep_rate, include_buffers=False, on_copy=on_copy)
+        self.warm_up = warm_up
+
+    def before_step(self) -> None:
+        it = self.trainer.iter
+        if it <= self.burn_in:
+            super().before_step()  # the copy at `start` (buffers included: they are equal in the original)
+            return
+        m = ema_momentum(it - self.burn_in, self.keep_rate, self.warm_up)
+        ema_update(self.teacher, self.student, m, include_buffers=False)
 
 
 def filter_pseudo_labels(detections: list[dict], threshold: float, min_area: float | None = None,
@@ -66,6 +91,23 @@ def filter_pseudo_labels(detections: list[dict], threshold: float, min_area: flo
     return [{"boxes": b, "labels": l, "scores": s} for b, l, s in
             zip(boxes[idx].detach().split(per_image), labels[idx].detach().split(per_image),
                 scores[idx].detach().split(per_image))]
+
+
+def pixel_scales(matrices) -> list[float]:
+    """Per view, the factor from a view-pixel area to an original-image area (1 / |det| of the linear
+    part of its original -> view matrix): COCO's size bins and the naive 96^2 are defined there."""
+    return [1.0 / abs(np.linalg.det(m[:2, :2])) for m in matrices]
+
+
+def pseudo_label_metrics(hidden_gt: list[dict], pixel_scale: list[float], area_scale: float,
+                         **sets: list[dict] | None) -> dict[str, float]:
+    """`pseudo_label_stats` of each named pseudo-label set against the hidden labels, its name the
+    prefix (`pl=main_set, pl_alpha=alpha_set`); a set given as None is not logged."""
+    metrics: dict[str, float] = {}
+    for prefix, pseudo in sets.items():
+        if pseudo is not None:
+            metrics.update(pseudo_label_stats(pseudo, hidden_gt, pixel_scale, area_scale, prefix=prefix))
+    return metrics
 
 
 def _size_bin(area: Tensor, scale: float) -> Tensor:

@@ -13,7 +13,9 @@ from PIL import Image
 
 import adapters.base as base
 from adapters.engine.checkpoint import rng_state, set_rng_state
+from adapters.engine.mean_teacher import SoftTeacherEMAHook, ema_momentum
 from adapters.engine.trainer import StopTraining
+from adapters.student_view import student_view
 from adapters.models.faster_rcnn import build_faster_rcnn
 from bench.burn_in import burn_in_config
 from core.config import SoftTeacherConfig, load_config
@@ -121,7 +123,8 @@ def test_student_view_pixels_follow_its_recorded_matrix(tmp_path):
     cfg = SoftTeacherConfig()
     ops = set()
     for seed in range(10):
-        view = st.student_view(record, aug, cfg, np.random.default_rng(seed), photometric=False)
+        view = student_view(record, aug, np.random.default_rng(seed), cfg.translate, cfg.rotate, cfg.shear,
+                            cfg.geometric, photometric=False)
         assert view.image.shape == (3, 96, 128)
         lin = view.matrix[:2, :2] / 2  # the resize is x2: what is left is flip and the geometric op
         ops.add("flip+shift" if np.allclose(np.abs(lin), np.eye(2)) else "rotate/shear")
@@ -141,16 +144,16 @@ def test_student_view_pixels_follow_its_recorded_matrix(tmp_path):
 
 
 def test_ema_warms_up_and_averages_parameters_only():
-    assert st.ema_momentum(0, 0.999) == 0.0  # the first update is a copy
-    assert st.ema_momentum(1, 0.999) == pytest.approx(0.5)
-    assert st.ema_momentum(9, 0.999) == pytest.approx(0.9)
-    assert st.ema_momentum(100_000, 0.999) == 0.999
-    assert st.ema_momentum(1, 0.999, warm_up=1) == pytest.approx(1 / 3)
+    assert ema_momentum(0, 0.999) == 0.0  # the first update is a copy
+    assert ema_momentum(1, 0.999) == pytest.approx(0.5)
+    assert ema_momentum(9, 0.999) == pytest.approx(0.9)
+    assert ema_momentum(100_000, 0.999) == 0.999
+    assert ema_momentum(1, 0.999, warm_up=1) == pytest.approx(1 / 3)
 
     torch.manual_seed(0)
     student = build_faster_rcnn(tiny_cfg(), 2)
     teacher = build_faster_rcnn(tiny_cfg(), 2)
-    hook = st.SoftTeacherEMAHook(teacher, student, start=3, keep_rate=0.999)
+    hook = SoftTeacherEMAHook(teacher, student, start=3, keep_rate=0.999)
     hook.trainer = SimpleNamespace(iter=2)
     hook.before_step()  # before the start: nothing
     assert not torch.equal(teacher.roi_heads.box_head.fc6.weight, student.roi_heads.box_head.fc6.weight)
