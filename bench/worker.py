@@ -40,6 +40,7 @@ from core.evaluate import evaluate_coco, evaluate_voc, teacher_diagnostics
 from core.errors import BenchError
 from bench.keys import cell_key
 from core.paths import done_result, read_result, result_ok, run_dir
+from core.streams import UNLABELED_LOADER
 from bench.teacher import attach_pseudo_labels, teacher_config
 
 
@@ -88,7 +89,7 @@ def batch_stream(cfg: RunConfig, adapter, data: SemiData, start_iter: int):
         raise BenchError(f"method {cfg.method} needs unlabeled images but the split has none; lower data.ratio below 100")
     u_start = max(start_iter, adapter.unlabeled_start())
     unlabeled = iter(make_loader(data.unlabeled, aug, adapter.unlabeled_views, s.ims_per_batch_unlabeled,
-                                 seed=cfg.seed + 7919, start_iter=u_start, max_iter=s.max_iter,
+                                 seed=cfg.seed + UNLABELED_LOADER, start_iter=u_start, max_iter=s.max_iter,
                                  num_workers=cfg.data.num_workers, **part))
     for it, items_l in enumerate(labeled, start_iter):
         yield {"labeled": items_l, "unlabeled": next(unlabeled) if it >= u_start else None}
