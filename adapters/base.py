@@ -66,7 +66,12 @@ class Adapter(ABC):
         self.cfg = cfg
         self.device = device
         self.num_classes = num_classes
-        self.student: nn.Module = build_faster_rcnn(cfg.model, num_classes).to(device)
+        self.student: nn.Module = build_faster_rcnn(cfg.model, num_classes, self.roi_classifier(cfg)).to(device)
+
+    def roi_classifier(self, cfg):
+        """PseCo's RoI classifier for the detector (adapters/models/faster_rcnn.py `SigmoidFocal`), or
+        None: the one of `model.cls_loss`."""
+        return None
 
     @abstractmethod
     def training_step(self, iteration: int, batch: dict) -> StepOutput:

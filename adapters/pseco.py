@@ -35,14 +35,13 @@ from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import sigmoid_focal_loss
 
 from adapters import mlc
 from adapters.base import StepOutput, register, teacher_rpn_settings
 from adapters.engine.mean_teacher import filter_pseudo_labels, pixel_scales, pseudo_label_metrics
 from adapters.lsm import alpha_set, lowest_threshold, main_cls_loss, uncertain_marks, uncertain_rois
-from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads, RoISamples, TrainForward,
-                                         pool_by_level)
+from adapters.models.faster_rcnn import (FEATURE_NAMES, POOLED_LEVELS, RoIHeads, RoISamples, SigmoidFocal,
+                                         TrainForward, pool_by_level)
 from adapters.student_view import (StudentViewAdapter, map_boxes, map_pseudo_labels, select,
                                    teacher_and_student_views, teacher_pass)
 from core.streams import PSECO_STUDENT_VIEW
@@ -53,38 +52,11 @@ MSL_SHIFT = {"p2": "p3", "p3": "p4", "p4": "p5", "p5": "p6"}
 
 
 # ----------------------------------------------------------------------------- the detector change
-class SigmoidFocalRoIHeads(RoIHeads):
-    """PseCo's RoI classifier: sigmoid focal loss (gamma 2, alpha 0.25, weight 10) on the K class
-    logits, background = all-zero target, summed and divided by the number of sampled RoIs; scores
-    are sigmoids. The shared predictor's background logit is left unused (the fork's head has K
-    outputs). Made by `use_sigmoid_focal`, which turns an existing RoIHeads into one."""
-
-    focal_alpha: float = 0.25
-    cls_loss_weight: float = 10.0
-
-    def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        if labels.numel() == 0:
-            return logits.sum() * 0
-        k = self.num_classes
-        target = F.one_hot(labels, k + 1)[:, :k].to(logits.dtype)
-        loss = sigmoid_focal_loss(logits[:, :k], target, self.focal_alpha, self.focal_gamma, reduction="sum")
-        return self.cls_loss_weight * loss / labels.numel()
-
-    def class_scores(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits[:, : self.num_classes])
-
-
-def use_sigmoid_focal(heads: RoIHeads, gamma: float, alpha: float, weight: float) -> None:
-    """Turn a built RoIHeads into a SigmoidFocalRoIHeads in place: no new parameters and no random
-    draws, so the student, its teacher and checkpoints keep the shared detector's layout."""
-    heads.__class__ = SigmoidFocalRoIHeads
-    heads.focal_gamma, heads.focal_alpha, heads.cls_loss_weight = gamma, alpha, weight
-
-
 def class_scores(heads: RoIHeads, logits: Tensor) -> Tensor:
-    """(R, K) per-class scores as PseCo's PLA reads them: sigmoid, or for the CE config a softmax
-    over the K foreground logits (the original's `cls_score[:, :num_classes].softmax(-1)`)."""
-    if isinstance(heads, SigmoidFocalRoIHeads):
+    """(R, K) per-class scores as PseCo's PLA reads them: sigmoid (`pseco.sigmoid_focal`, the RoI
+    head's `SigmoidFocal`), or for the CE config a softmax over the K foreground logits (the
+    original's `cls_score[:, :num_classes].softmax(-1)`)."""
+    if heads.sigmoid_focal is not None:
         return heads.class_scores(logits)
     return F.softmax(logits[:, : heads.num_classes], dim=-1)
 
@@ -251,10 +223,12 @@ class PseCo(StudentViewAdapter):
         super().__init__(cfg, num_classes, device)
         self.pc = cfg.pseco
         self.mlc = cfg.mlc
-        if self.pc.sigmoid_focal:
-            for model in (self.student, self.teacher):
-                use_sigmoid_focal(model.roi_heads, self.pc.focal_gamma, self.pc.focal_alpha, self.pc.cls_loss_weight)
         self.v2_anchors = shifted_anchor_generator(self.student.rpn.anchor_generator)
+
+    def roi_classifier(self, cfg) -> SigmoidFocal | None:
+        """The RoI classifier of the student and its teacher, supervised and unsupervised."""
+        pc = cfg.pseco
+        return SigmoidFocal(pc.focal_gamma, pc.focal_alpha, pc.cls_loss_weight) if pc.sigmoid_focal else None
 
     def eval_models(self) -> dict:
         models = {"teacher": self.teacher}  # the original evaluates the teacher (inference_on="teacher")

@@ -11,6 +11,7 @@ on its view, the first step of both methods after burn-in.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -163,7 +164,7 @@ class StudentViewAdapter(MeanTeacherAdapter):
             return StepOutput(losses)
         return self.unlabeled_step(iteration, batch["unlabeled"], losses, fwd_l, targets_l)
 
+    @abstractmethod
     def unlabeled_step(self, iteration: int, items: list[dict], losses: dict, fwd_l, targets_l) -> StepOutput:
         """The step after burn-in: `losses` (the supervised terms, of forward `fwd_l` on `targets_l`)
         plus the unsupervised terms on the unlabeled `items`, and the step's metrics."""
-        raise NotImplementedError

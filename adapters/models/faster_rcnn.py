@@ -27,7 +27,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import roi_align
+from torchvision.ops import roi_align, sigmoid_focal_loss
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -685,8 +685,20 @@ class TwoFCHead(nn.Module):
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
 
 
+@dataclass(frozen=True)
+class SigmoidFocal:
+    """PseCo's RoI classifier (`pseco.sigmoid_focal`): sigmoid focal loss (gamma, alpha, times
+    `weight`) on the K class logits, background = all-zero target, summed and divided by the number
+    of sampled RoIs; scores are sigmoids. The predictor's background logit is left unused (PseCo's
+    head has K outputs), so the detector keeps its parameters."""
+
+    gamma: float = 2.0
+    alpha: float = 0.25
+    weight: float = 10.0
+
+
 class RoIHeads(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, cfg) -> None:
+    def __init__(self, num_classes: int, in_channels: int, cfg, sigmoid_focal: SigmoidFocal | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.canonical_scale = cfg.canonical_scale
@@ -699,6 +711,7 @@ class RoIHeads(nn.Module):
         self.box_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.cls_loss = cfg.cls_loss
         self.focal_gamma = cfg.focal_gamma
+        self.sigmoid_focal = sigmoid_focal  # replaces `cls_loss` when given
         self.score_thresh = cfg.score_thresh
         self.nms_thresh = cfg.nms_thresh
         self.detections_per_img = cfg.detections_per_img
@@ -759,6 +772,11 @@ class RoIHeads(nn.Module):
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if labels.numel() == 0:
             return logits.sum() * 0
+        if self.sigmoid_focal is not None:
+            k, sf = self.num_classes, self.sigmoid_focal
+            target = F.one_hot(labels, k + 1)[:, :k].to(logits.dtype)
+            loss = sigmoid_focal_loss(logits[:, :k], target, sf.alpha, sf.gamma, reduction="sum")
+            return sf.weight * loss / labels.numel()
         if self.cls_loss == "focal":
             return focal_ce_loss(logits, labels, self.focal_gamma) / labels.numel()
         return F.cross_entropy(logits, labels)
@@ -779,7 +797,10 @@ class RoIHeads(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------
     def class_scores(self, logits: Tensor) -> Tensor:
-        """Per-class foreground scores (N, K): softmax over K + 1, background dropped."""
+        """Per-class foreground scores (N, K): softmax over K + 1, background dropped (with
+        `sigmoid_focal`: sigmoids of the K class logits)."""
+        if self.sigmoid_focal is not None:
+            return torch.sigmoid(logits[:, : self.num_classes])
         return F.softmax(logits, -1)[:, :-1]
 
     @torch.no_grad()
@@ -884,8 +905,8 @@ class FasterRCNN(nn.Module):
         return self.detect(images)
 
 
-def build_faster_rcnn(cfg, num_classes: int) -> FasterRCNN:
-    """Build the detector described by a `ModelConfig`."""
+def build_faster_rcnn(cfg, num_classes: int, sigmoid_focal: SigmoidFocal | None = None) -> FasterRCNN:
+    """Build the detector described by a `ModelConfig` (with `sigmoid_focal`, PseCo's RoI classifier)."""
     backbone = build_backbone(cfg.arch, cfg.weights, cfg.trainable_layers, cfg.fpn_channels)
     anchors = CachedAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
     rpn = BatchedRPN(
@@ -900,4 +921,4 @@ def build_faster_rcnn(cfg, num_classes: int) -> FasterRCNN:
         nms_thresh=0.7,
     )
     use_pointwise_convs(rpn.head)  # its objectness and box convs see the FPN's channels-last maps
-    return FasterRCNN(backbone, rpn, RoIHeads(num_classes, backbone.out_channels, cfg))
+    return FasterRCNN(backbone, rpn, RoIHeads(num_classes, backbone.out_channels, cfg, sigmoid_focal))

@@ -10,7 +10,7 @@ import torch
 from adapters import pseco as pc
 from adapters.engine.checkpoint import rng_state, set_rng_state
 from core.config import MLCConfig
-from adapters.models.faster_rcnn import RoISamples, build_faster_rcnn
+from adapters.models.faster_rcnn import RoISamples, SigmoidFocal, build_faster_rcnn
 from core.config import PsecoConfig, load_config
 from core.data.sources import prepare_data
 from bench.worker import batch_stream, seed_everything
@@ -123,10 +123,9 @@ def test_msl_pairs_each_half_scale_level_with_the_next_full_level():
 
 
 def test_sigmoid_focal_head_by_hand_and_unchanged_parameters():
-    model = build_faster_rcnn(tiny_cfg(), num_classes=2)
-    keys = list(model.state_dict())
-    pc.use_sigmoid_focal(model.roi_heads, gamma=2.0, alpha=0.25, weight=10.0)
-    assert list(model.state_dict()) == keys and isinstance(model.roi_heads, pc.SigmoidFocalRoIHeads)
+    keys = list(build_faster_rcnn(tiny_cfg(), num_classes=2).state_dict())
+    model = build_faster_rcnn(tiny_cfg(), num_classes=2, sigmoid_focal=SigmoidFocal(gamma=2.0, alpha=0.25, weight=10.0))
+    assert list(model.state_dict()) == keys and model.roi_heads.sigmoid_focal is not None
     # every logit 0 -> p = .5: a positive class costs .25 x .5^2 x ln 2, a negative one .75 x .5^2 x ln 2
     pos, neg = 0.25 * 0.25 * math.log(2), 0.75 * 0.25 * math.log(2)
     logits = torch.zeros(2, 3)  # the third (background) column is ignored
@@ -181,8 +180,8 @@ def test_teacher_proposals_follow_the_train_time_rpn_settings(setting, mode, exp
 def test_burn_in_is_supervised_with_the_sigmoid_focal_head(setting):
     cfg, data = setting
     cfg, adapter = _adapter(cfg, data)
-    assert isinstance(adapter.student.roi_heads, pc.SigmoidFocalRoIHeads)
-    assert isinstance(adapter.teacher.roi_heads, pc.SigmoidFocalRoIHeads)
+    assert adapter.student.roi_heads.sigmoid_focal is not None
+    assert adapter.teacher.roi_heads.sigmoid_focal is not None
     batch = next(batch_stream(cfg, adapter, data, 0))
     assert batch["unlabeled"] is None
     out = adapter.training_step(0, batch)
