@@ -149,10 +149,11 @@ def check_config(cfg) -> None:
 
 # -- listings: `bench plan`, `bench status` ------------------------------------------------------------
 def print_rows(fmt: str, rows: list[dict], title: str, headers: list[str],
-               cells: Callable[[dict, bool], list[str]]) -> Console:
+               cells: Callable[[dict, bool], list[str]], fields: tuple[str, ...] = ()) -> Console:
     """Rows as a rich table (`cells(row, cut)` gives a row's texts; `cut`: a terminal, where keys may
-    be shortened), or as csv or json with every field in full. Nothing is truncated when stdout is
-    not a terminal. Returns the console for the lines that follow (stderr for csv and json)."""
+    be shortened), or as csv or json with every field in full (`fields`: the csv header when there
+    is no row). Nothing is truncated when stdout is not a terminal. Returns the console for the
+    lines that follow (stderr for csv and json)."""
     if fmt not in FORMATS:
         raise BenchError(f"--format {fmt}: use table, csv or json")
     if fmt == "json":
@@ -161,7 +162,7 @@ def print_rows(fmt: str, rows: list[dict], title: str, headers: list[str],
         return err_console
     if fmt == "csv":
         writer = csv.writer(console.file, lineterminator="\n")
-        writer.writerow(list(rows[0]) if rows else [h.replace(". ", "_").replace(" ", "_") for h in headers])
+        writer.writerow(list(rows[0]) if rows else list(fields))
         for r in rows:
             writer.writerow(["" if v is None else str(v).lower() if isinstance(v, bool)
                              else "; ".join(map(str, v)) if isinstance(v, list) else v for v in r.values()])
@@ -181,7 +182,7 @@ def print_rows(fmt: str, rows: list[dict], title: str, headers: list[str],
 def show_status(home: Optional[Path], fmt: str) -> None:
     """`bench status`: every run directory with a config.yaml, its status and AP; unreadable
     result.json and config.yaml files named."""
-    from core.paths import run_dirs
+    from core.paths import RunDir, run_dirs
 
     home = resolve_home(home)
     rows = [d.summary() for d in run_dirs(home) if d.config_file.exists()]
@@ -193,7 +194,8 @@ def show_status(home: Optional[Path], fmt: str) -> None:
                 "" if r["AP"] is None else f"{r['AP']:.2f}"]
 
     out = print_rows(fmt, rows, f"runs in {home / 'runs'}",
-                     ["key", "method", "lsm", "preset", "ratio", "seed", "status", "AP (reported)"], cells)
+                     ["key", "method", "lsm", "preset", "ratio", "seed", "status", "AP (reported)"], cells,
+                     RunDir.SUMMARY_FIELDS)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -87,6 +87,8 @@ class RunDir:
     mlflow_run_id), its status and its config writer. Path-like: `os.fspath`, `str` and `/` give
     what the directory's Path gives."""
 
+    SUMMARY_FIELDS = ("key", "method", "lsm", "preset", "ratio", "seed", "status", "AP", "problems")
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
 

@@ -41,7 +41,7 @@ def test_status_from_pending_to_done(tmp_path, tiny):
     assert not d.failed_file.exists()
     summary = d.summary()
     assert summary["key"] == KEY and summary["method"] == "supervised" and summary["AP"] == 1.5
-    assert summary["problems"] == []
+    assert summary["problems"] == [] and tuple(summary) == RunDir.SUMMARY_FIELDS
 
 
 def test_remove_runs_takes_the_failed_or_the_unreadable(tmp_path):
