@@ -21,6 +21,7 @@ from core.data.sources import prepare_data
 from core.paths import run_dir
 from bench.burn_in import burn_in_config
 from bench.keys import cell_key
+from bench.sync import recorded_run_id
 from bench.worker import run_cell
 
 REPORTED = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
@@ -139,9 +140,9 @@ def objective(trial: optuna.Trial, defn, home: Path, mlflow_cb) -> float:
             if k in stats:
                 trial.set_user_attr(k, float(stats[k]))
         trial.set_user_attr("reported_model", result["primary_model"])
-        if result.get("mlflow_run_id"):
-            trial.set_user_attr("cell_run_id", result["mlflow_run_id"])
-            mlflow_cb.set_trial_tags(trial, {"cell_run_id": result["mlflow_run_id"]})
+        if run_id := recorded_run_id(rdir, result):  # a cell cached from an outage: the run a sync logged
+            trial.set_user_attr("cell_run_id", run_id)
+            mlflow_cb.set_trial_tags(trial, {"cell_run_id": run_id})
         return float(stats["AP"])
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)  # a rerun retries it (see studies.run.recover)
