@@ -1,4 +1,7 @@
-"""The working store (BENCH_HOME, default ./.bench): mlflow.db, runs/, splits/, data/."""
+"""The working store (BENCH_HOME, default ./.bench): mlflow.db, runs/, splits/, data/.
+
+`run_dir(home, key)` is a cell's directory under runs/; `RunDir` owns one: its files, its status
+(what `bench plan` and `bench status` show) and its config writer."""
 
 from __future__ import annotations
 
