@@ -28,12 +28,6 @@ app.add_typer(config_app, name="config")
 console = Console()
 
 
-def __getattr__(name: str):  # `from bench.cli import _plan` (scripts, tests): bench.runner.plan_table
-    if name != "_plan":
-        raise AttributeError(name)
-    return __import__("bench.runner", fromlist=["plan_table"]).plan_table
-
-
 @app.command(context_settings=EXTRA)
 def train(
     ctx: typer.Context,

@@ -228,16 +228,16 @@ def test_forest_preset_and_spec():
 
 
 def test_bench_plan_forest_runs_on_the_forest_preset(tmp_path, tiny):
-    from bench.cli import _plan
+    from bench.runner import plan_table
 
     root = build_tiny(tmp_path)
     tiny = [f"data.root={root}", "model.arch=tiny", "model.weights=none"]
     # 15 % of 6 tiles is 1 labeled tile: too few unless the ratios are named
-    spec, cells, notes, preset = _plan("forest", None, 1, "15,30", tiny, tmp_path / "home")
+    spec, cells, notes, preset = plan_table("forest", None, 1, "15,30", tiny, tmp_path / "home")
     assert preset == "forest" and spec.name == "forest"
     assert {(c.row_id, c.column_id) for c in cells} >= {("supervised", "forest_15"), ("ubteacher_lsm", "forest_30")}
     assert all(c.config.preset == "forest" and c.config.data.dataset == "forest" for c in cells)
-    _, cells, _, preset = _plan("forest", "demo", 1, "15", tiny, tmp_path / "home")  # --preset still wins
+    _, cells, _, preset = plan_table("forest", "demo", 1, "15", tiny, tmp_path / "home")  # --preset still wins
     assert preset == "demo" and {c.config.data.dataset for c in cells} == {"synthetic"}
 
 
