@@ -4,7 +4,9 @@ and merged into another store, whose `plan`, `run` and `report` then count those
 
 An archive holds each done cell's `config.yaml`, `result.json` and `metrics.jsonl` under
 `runs/<shard>/<key>/`, the store's own layout, and no weights: a cell imported without its burn-in
-checkpoint trains its dependants from scratch (bench/worker.py), which gives the same result.
+checkpoint trains its dependants from scratch (bench/worker.py), which gives the same result; a
+STAC teacher cell imported without its weights cannot make pseudo-labels for a new dependant (the
+worker says so and names the directory to delete so that it is trained again).
 Importing never replaces a cell the store already has.
 """
 

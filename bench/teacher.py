@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import RunConfig, load_config
+from core.errors import BenchError
 from core.methods import method_spec, upstream
 
 
@@ -39,7 +40,12 @@ def attach_pseudo_labels(adapter, tcfg: RunConfig, tdir: Path, data, device) -> 
     from adapters.base import get_adapter
     from core.data.transforms import view_settings
 
-    teacher = get_adapter("supervised")(tcfg, data.num_classes, device).student
-    teacher.load_state_dict(torch.load(tdir / "model_final.pth", map_location="cpu", weights_only=True)["student"])
-    adapter.attach_pseudo_labels(stac.ensure_pseudo_labels(tdir / stac.PSEUDO_LABEL_FILE, teacher, data.unlabeled,
+    path, weights, teacher = tdir / stac.PSEUDO_LABEL_FILE, tdir / "model_final.pth", None
+    if not path.exists():  # first use: the teacher's final weights make the file
+        if not weights.exists():
+            raise BenchError(f"teacher cell {tdir} has neither its weights nor its pseudo-label file (a cell "
+                             "imported from an archive carries neither); delete that directory to train it again")
+        teacher = get_adapter("supervised")(tcfg, data.num_classes, device).student
+        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["student"])
+    adapter.attach_pseudo_labels(stac.ensure_pseudo_labels(path, teacher, data.unlabeled,
                                                            view_settings(tcfg.data.aug, False), device))

@@ -113,3 +113,14 @@ def test_stac_cell_trains_its_teacher_then_reuses_its_pseudo_labels(tmp_path, ti
     run_cell(load_config("demo", tiny + ["data.ratio=25", "solver.max_iter=3", "stac.tau=0.05", "stac.lambda_u=1"],
                          method="stac"), home, track=False, progress=False)
     assert (tdir / "pseudo_labels.json").stat().st_mtime_ns == mtime
+    # the file alone serves a new dependant (the weights are not read again) ...
+    (tdir / "model_final.pth").unlink()
+    run_cell(load_config("demo", tiny + ["data.ratio=25", "solver.max_iter=3", "stac.tau=0.05", "stac.lambda_u=3"],
+                         method="stac"), home, track=False, progress=False)
+    # ... and a teacher imported from an archive (neither file nor weights) is named, with the fix
+    (tdir / "pseudo_labels.json").unlink()
+    from core.errors import BenchError
+
+    with pytest.raises(BenchError, match=f"teacher cell {tdir} has neither its weights nor its pseudo-label file"):
+        run_cell(load_config("demo", tiny + ["data.ratio=25", "solver.max_iter=3", "stac.tau=0.05",
+                                             "stac.lambda_u=4"], method="stac"), home, track=False, progress=False)
