@@ -16,6 +16,7 @@ from rich.console import Console
 
 from bench.cli_common import (FORMAT_OPT, HOME_OPT, check_data, clean_runs, evaluate_run, fetch_data, import_archive,
                                make_split, resolve_home, run_app, show_config, show_status)
+from core.methods import METHODS
 from studies.cli import EXTRA, figure, study_app, ui
 
 app = typer.Typer(help="lsm-bench: semi-supervised object detection benchmark (LSM, IJCAI 2023).",
@@ -31,7 +32,7 @@ console = Console()
 @app.command(context_settings=EXTRA)
 def train(
     ctx: typer.Context,
-    method: str = typer.Option("supervised", help="Method: supervised, ubteacher, softteacher, pseco, stac, ddetr."),
+    method: str = typer.Option("supervised", help=f"Method: {', '.join(METHODS)}."),
     preset: str = typer.Option("demo", help="Preset in core/presets (demo, demo_long, forest, coco, coco_additional, "
                                "voc, coco_imagenet)."),
     ratio: Optional[float] = typer.Option(None, help="Percent of training images that keep their labels."),
