@@ -64,12 +64,6 @@ def _display(running, done: list[Cell], failed: list, total: int, t0: float, hom
     return Group(table, f"elapsed {elapsed / 60:.1f} min{eta}")
 
 
-def _record_failure(cell: Cell, home: Path, error: str, traceback: str = "") -> None:
-    """A worker that died without writing failed.json (killed, segfault, OOM), or a cell whose
-    burn-in failed, is recorded here."""
-    cell.run_dir(home).record_failure(error, traceback)
-
-
 def _priority(cell: Cell, starts: set[str]) -> int:
     """Cells others start from first (burn-ins, STAC's teachers), then the cells that wait for
     them (the long semi-supervised ones), then the rest."""
@@ -106,7 +100,7 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
         with Live(console=console, refresh_per_second=1, transient=False) as live:
             while queue or executor.jobs:
                 for cell, _ in [q for q in queue if q[0].depends_on in failed_keys]:
-                    _record_failure(cell, home, f"the cell it starts from ({cell.depends_on[:12]}) failed")
+                    cell.run_dir(home).record_failure(f"the cell it starts from ({cell.depends_on[:12]}) failed")
                     failed.append(cell)
                     failed_keys.add(cell.key)
                 queue = [q for q in queue if q[0].key not in failed_keys]
@@ -129,7 +123,8 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
                         done.append(job.cell)
                         continue
                     tail = job.log.read_text()[-4000:] if job.log.exists() else ""
-                    _record_failure(job.cell, home, f"worker exited with code {rc}", tail)
+                    # a worker that died without writing failed.json (killed, segfault, OOM)
+                    job.cell.run_dir(home).record_failure(f"worker exited with code {rc}", tail)
                     if job.attempts <= retries:
                         (job.cell.directory(home) / "failed.json").unlink(missing_ok=True)
                         queue.append((job.cell, job.attempts + 1))

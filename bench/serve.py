@@ -36,14 +36,21 @@ class Service:
     process: subprocess.Popen | None  # None: an MLflow server the environment already points at
 
 
-def check_port(port: int, what: str, option: str) -> None:
-    """A port on 127.0.0.1 that a server can take; else one line naming the option to change."""
-    with socket.socket() as s:
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on (host, port), or None when it can."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is free
         try:
-            s.bind((HOST, port))
-        except OSError:
-            raise BenchError(f"port {port} on {HOST} is in use; pass another {option} for {what}") from None
+            s.bind((host, port))
+        except OSError as err:
+            return err
+    return None
+
+
+def check_port(port: int, what: str, option: str) -> None:
+    """A port on 127.0.0.1 that a server can take; else one line naming the option to change."""
+    if _bind_error(HOST, port) is not None:
+        raise BenchError(f"port {port} on {HOST} is in use; pass another {option} for {what}")
 
 
 def stop(services: list[Service]) -> None:
@@ -113,13 +120,8 @@ def listen_check(host: str, port: int) -> str:
     if host not in LOOPBACK:
         err_console.print(f"[yellow]warning: listening on {escape(host)}: anyone who reaches this machine's port {port} can "
                           "read and write this project's runs; keep it behind the cluster's access control[/yellow]")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as err:
-            raise BenchError(f"cannot listen on {host}:{port} ({err.strerror}); "
-                             "pass another --port or --host") from None
+    if (err := _bind_error(host, port)) is not None:
+        raise BenchError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port or --host")
     return socket.getfqdn() if host in ("0.0.0.0", "::") else host
 
 

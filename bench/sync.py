@@ -127,30 +127,22 @@ def _log_cell(tracker: tracking.Tracker, home: Path, rdir: Path, seen: str | Non
             tracker.end("FINISHED")
             (rdir / "mlflow_run_id").write_text(tracker.run_id)
         except (tracking.StoreError, OSError) as err:
-            _discard(tracker)  # a half-logged or unrecorded run would stay beside the next sync's whole one
+            tracker.discard()  # a half-logged or unrecorded run would stay beside the next sync's whole one
             if isinstance(err, OSError):
                 return f"{rdir / 'mlflow_run_id'} cannot be written ({err.strerror})"
             raise
     return "logged"
 
 
-def _discard(tracker: tracking.Tracker) -> None:
-    """Delete the run being logged, if the store still answers."""
-    import contextlib
-
-    with contextlib.suppress(Exception):
-        tracker._client.delete_run(tracker.run_id)
-
-
 def _split_sha256(cfg, key: str, home: Path) -> str:
     """The cell's split manifest sha256 (a run tag): the stored manifest whose hashes give the cell's
     key, without loading the data set; "unknown" for settings whose split is not stored."""
     from bench.keys import cell_key
+    from core.data.sources import manifest_name
     from core.data.splits import SplitManifest
 
     d = cfg.data
-    stored = home.glob(f"splits/*-{d.setting}-{d.ratio:g}pct-fold{d.fold}-*.json")  # core/data/sources.py's names
-    files = [Path(d.split_file)] if d.split_file else stored
+    files = [Path(d.split_file)] if d.split_file else (home / "splits").glob(manifest_name("*", d, "*"))
     for f in files:
         try:
             manifest = SplitManifest.load(f)

@@ -233,6 +233,13 @@ class Tracker:
         if self.enabled and self.run_id:
             self._client.set_terminated(self.run_id, status=status)
 
+    def discard(self) -> None:
+        """Delete the current run, if the store still answers (a half-logged run is worse than none)."""
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self._client.delete_run(self.run_id)
+
 
 def _store_lock(uri: str):
     """An exclusive lock beside a sqlite store (mlflow.db.lock) while it is opened; nothing for servers."""

@@ -222,8 +222,7 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
             seed_everything(distributed.rank_seed(cfg.seed))
     if (tcfg := teacher_config(cfg)) is not None:  # STAC: pseudo-labels from its supervised teacher cell
         # the runner schedules the teacher first; `bench train --method stac` trains it here (every rank)
-        run_cell(tcfg, home, track=track, progress=progress, parent_run_id=parent_run_id)
-        tdir = run_dir(home, cell_key(tcfg, data))
+        tdir = run_dir(home, run_cell(tcfg, home, track=track, progress=progress, parent_run_id=parent_run_id)["key"])
         # rank 0 writes the pseudo-label file, the others read it
         distributed.main_first(lambda: attach_pseudo_labels(adapter, tcfg, tdir, data, device))
     trainer.iter = trainer.start_iter

@@ -201,15 +201,14 @@ class RunDir:
             state, row = "corrupt", dict.fromkeys(("method", "lsm", "preset", "ratio", "seed"))
             problems.append(f"{self.config_file} is unreadable ({type(err).__name__}); `bench clean --corrupt` "
                             "removes the run directory")
-        if state == "done":
-            r = self.result()
-            if "metrics" in r:  # a burn-in cell has a checkpoint, no metrics
-                ap = r["metrics"][r["primary_model"]].get("AP", float("nan"))
-        elif self.result_file.exists() and self.status() == "corrupt":
+        if self.result_file.exists():
             try:
-                self.result()
+                r = self.result()
             except CorruptFile as err:
                 problems.append(str(err))
+            else:
+                if state == "done" and "metrics" in r:  # a burn-in cell has a checkpoint, no metrics
+                    ap = r["metrics"][r["primary_model"]].get("AP", float("nan"))
         return {"key": self.key, **row, "status": state, "AP": ap, "problems": problems}
 
 

@@ -57,7 +57,7 @@ class RowSpec(_Frozen):
 
     id: str
     label: str  # as printed in the paper
-    method: str  # registry name (adapters.base) or the paper's name for methods never implemented
+    method: str  # a name of the method table (core/methods.py) or the paper's name for methods never implemented
     lsm: bool
     variant: str = ""
     overrides: dict[str, OverrideValue] = {}

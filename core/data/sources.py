@@ -75,14 +75,18 @@ def _coco_split(root: Path, split: str) -> DetectionDataset:
     return _load_coco(ann, _require(root / split, f"COCO {split} images", "check data.root"), name=f"coco_{split}")
 
 
+def manifest_name(data_name: str, cfg, data_hash: str) -> str:
+    """The stored split manifest's file name under BENCH_HOME/splits (`*` parts make a glob)."""
+    return f"{data_name}-{cfg.setting}-{cfg.ratio:g}pct-fold{cfg.fold}-{data_hash}.json"
+
+
 def _manifest(cfg, train: DetectionDataset, home: Path) -> splits.SplitManifest:
     if cfg.split_file:
         manifest = splits.SplitManifest.load(Path(cfg.split_file))
         splits.check_manifest(manifest, train)
         return manifest
     manifest = splits.make_split(train, cfg.ratio, cfg.fold, setting=cfg.setting)
-    name = f"{train.name}-{cfg.setting}-{cfg.ratio:g}pct-fold{cfg.fold}-{manifest.data_hash[:8]}.json"
-    path = Path(home) / "splits" / name
+    path = Path(home) / "splits" / manifest_name(train.name, cfg, manifest.data_hash[:8])
     if path.exists():
         stored = splits.SplitManifest.load(path)
         if stored.sha256 != manifest.sha256:
