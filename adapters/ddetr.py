@@ -84,9 +84,10 @@ class DeformableDetrAdapter(Adapter):
         self.ddetr, self.lsm = d, lsm
         self.t = cfg.semi.t
         self.student = build_deformable_detr(d, num_classes).to(device)
+        cost, weight = d.matcher_cost, d.loss_weight
         self.criterion = SetCriterion(LossWeights(
-            class_cost=d.class_cost, bbox_cost=d.bbox_cost, giou_cost=d.giou_cost, cls=d.cls_loss_weight,
-            bbox=d.bbox_loss_weight, giou=d.giou_loss_weight, focal_alpha=d.focal_alpha))
+            class_cost=cost.cls, bbox_cost=cost.bbox, giou_cost=cost.giou, cls=weight.cls, bbox=weight.bbox,
+            giou=weight.giou, focal_alpha=d.focal_alpha))
         self.unlabeled_views = () if d.strategy == "supervised" else ("weak",)
         self.pretrain_iters = round(d.pretrain_fraction * cfg.solver.max_iter) if d.strategy == "pretrain_finetune" else 0
         self.pseudo_labels: PseudoLabels | None = None

@@ -209,6 +209,15 @@ class PsecoConfig(_Strict):
     shear: float = Field(30.0, ge=0, lt=90)
 
 
+class SetTerms(_Strict):
+    """Weights of a DETR's three set-prediction terms (class, L1 box, GIoU): Deformable DETR uses
+    the same 2 / 5 / 2 in its matching cost and in its loss."""
+
+    cls: float = Field(2.0, ge=0)
+    bbox: float = Field(5.0, ge=0)
+    giou: float = Field(2.0, ge=0)
+
+
 class DDETRConfig(_Strict):
     """Deformable DETR (method `ddetr`, adapters/ddetr.py, docs/ddetr.md). The network is HF's
     DeformableDetrModel with a torchvision trunk; matcher and loss weights are the official ones.
@@ -232,13 +241,9 @@ class DDETRConfig(_Strict):
     num_queries: int = Field(300, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     detections_per_img: int = Field(100, ge=1)
-    # the official matcher costs and loss coefficients; HF's defaults differ
-    class_cost: float = Field(2.0, ge=0)
-    bbox_cost: float = Field(5.0, ge=0)
-    giou_cost: float = Field(2.0, ge=0)
-    cls_loss_weight: float = Field(2.0, ge=0)
-    bbox_loss_weight: float = Field(5.0, ge=0)
-    giou_loss_weight: float = Field(2.0, ge=0)
+    # the official set_cost_* of the Hungarian matching and *_loss_coef of the loss (HF's differ)
+    matcher_cost: SetTerms = SetTerms()
+    loss_weight: SetTerms = SetTerms()
     focal_alpha: float = Field(0.25, ge=0, le=1)
     # learning rates relative to solver.base_lr: trunk 2e-5 / 2e-4, sampling offsets and
     # reference points x 0.1 (official lr_backbone, lr_linear_proj_mult)

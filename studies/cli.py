@@ -72,30 +72,57 @@ def _notes(notes: list[str]) -> None:
         console.print(f"[dim]{escape(n)}[/dim]")
 
 
-# -- bench study figure5 ---------------------------------------------------------------------------
-@study_app.command("figure5", context_settings=EXTRA)
-def figure5(ctx: typer.Context,
-            seeds: int = typer.Option(3, help="Seeds per grid point (seed i trains on split fold i)."),
-            preset: str = PRESET_OPT,
-            grid: Optional[str] = typer.Option(None, help="Thresholds, e.g. 0.3,0.5,0.7 (default 0.3 ... 0.9)."),
-            ratio: Optional[float] = RATIO_OPT,
-            workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
-            track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
-    """Figure 5: AP against t (UBteacher) and alpha (UBteacher + LSM), a grid study per curve.
+# -- bench study figure5 | table5 -----------------------------------------------------------------
+# Both are grid studies over seeds: one signature, registered twice; only the subset option differs.
+GRID_STUDIES = {
+    "figure5": ("--grid", "Thresholds, e.g. 0.3,0.5,0.7 (default 0.3 ... 0.9).",
+                """Figure 5: AP against t (UBteacher) and alpha (UBteacher + LSM), a grid study per curve.
 
     Extra arguments are config overrides (e.g. solver.max_iter=500). Writes OUT/figure5.png and
     OUT/figure5_data.csv.
-    """
-    from studies.definitions import figure5_defs, study_ratio
+    """),
+    "table5": ("--rows", "Only these Table 5 rows, e.g. baseline,pim_p3p4.",
+               """Table 5: baseline, naive large-area and the PIM level subsets as a categorical grid study.
 
-    home = resolve_home(home)
-    ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
-    defs, grid_notes = figure5_defs(preset, list(ctx.args), seeds, _floats(grid, "--grid"), name, ratio)
-    _notes(notes + grid_notes)
-    command = invocation()
-    done = [(_run(d, home, storage, workers, track, command), d) for d in defs]
-    png, csv = write_figure5(done, preset, out, command)
-    say(f"figure: {png}  data: {csv}")
+    Extra arguments are config overrides. Writes OUT/table5.{md,csv,tex,html} through the same
+    renderer as `bench report table5`.
+    """),
+}
+
+
+def _grid_study(kind: str):
+    flag, subset_help, doc = GRID_STUDIES[kind]
+
+    def command(ctx: typer.Context,
+                seeds: int = typer.Option(3, help="Seeds per grid point (seed i trains on split fold i)."),
+                preset: str = PRESET_OPT,
+                subset: Optional[str] = typer.Option(None, flag, help=subset_help),
+                ratio: Optional[float] = RATIO_OPT,
+                workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
+                track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
+        from studies.definitions import figure5_defs, study_ratio, table5_def
+
+        home = resolve_home(home)
+        ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
+        command = invocation()
+        if kind == "figure5":
+            defs, grid_notes = figure5_defs(preset, list(ctx.args), seeds, _floats(subset, flag), name, ratio)
+            _notes(notes + grid_notes)
+            done = [(_run(d, home, storage, workers, track, command), d) for d in defs]
+            png, csv = write_figure5(done, preset, out, command)
+            say(f"figure: {png}  data: {csv}")
+            return
+        _notes(notes)
+        d = table5_def(preset, list(ctx.args), seeds, subset.split(",") if subset else None, name, ratio)
+        paths = write_table5(_run(d, home, storage, workers, track, command), d, preset, out, command)
+        console.print(paths[0].read_text(), markup=False, highlight=False)
+
+    command.__name__, command.__doc__ = kind, doc
+    return study_app.command(kind, context_settings=EXTRA)(command)
+
+
+figure5 = _grid_study("figure5")
+table5 = _grid_study("table5")
 
 
 def write_figure5(studies, preset: str, out: Path, command: str) -> tuple[Path, Path]:
@@ -118,31 +145,6 @@ def write_figure5(studies, preset: str, out: Path, command: str) -> tuple[Path, 
         table.add_row(curve, f"{thr:g}", f"{g['AP'].mean():.2f}" + (f" ± {std:.2f}" if std == std else ""), str(len(g)))
     console.print(table)
     return save(fig, points, Path(out) / "figure5.png", command)
-
-
-# -- bench study table5 ----------------------------------------------------------------------------
-@study_app.command("table5", context_settings=EXTRA)
-def table5(ctx: typer.Context,
-           seeds: int = typer.Option(3, help="Seeds per row (seed i trains on split fold i)."),
-           preset: str = PRESET_OPT,
-           rows: Optional[str] = typer.Option(None, help="Only these Table 5 rows, e.g. baseline,pim_p3p4."),
-           ratio: Optional[float] = RATIO_OPT,
-           workers: int = WORKERS_OPT, storage: Optional[str] = STORAGE_OPT, name: Optional[str] = NAME_OPT,
-           track: bool = TRACK_OPT, out: Path = OUT_OPT, home: Optional[Path] = HOME_OPT):
-    """Table 5: baseline, naive large-area and the PIM level subsets as a categorical grid study.
-
-    Writes OUT/table5.{md,csv,tex,html} through the same renderer as `bench report table5`.
-    """
-    from studies.definitions import study_ratio, table5_def
-
-    home = resolve_home(home)
-    ratio, notes = study_ratio(preset, list(ctx.args), home, ratio)
-    _notes(notes)
-    d = table5_def(preset, list(ctx.args), seeds, rows.split(",") if rows else None, name, ratio)
-    command = invocation()
-    study = _run(d, home, storage, workers, track, command)
-    paths = write_table5(study, d, preset, out, command)
-    console.print(paths[0].read_text(), markup=False, highlight=False)
 
 
 def write_table5(study, defn, preset: str, out: Path, command: str) -> list[Path]:
