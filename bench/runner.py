@@ -64,6 +64,13 @@ def _display(running, done: list[Cell], failed: list, total: int, t0: float, hom
     return Group(table, f"elapsed {elapsed / 60:.1f} min{eta}")
 
 
+def _finished_line(cell: Cell, outcome: str, finished: int, total: int, t0: float) -> str:
+    """One plain line per finished cell where the live table cannot draw (output to a file or a
+    pipe: a log of `bench run > run.log` then says what finished when)."""
+    return (f"[{finished}/{total}] {outcome} {cell.row_id} {cell.column_id} seed {cell.seed} ({cell.key[:10]}), "
+            f"elapsed {(time.perf_counter() - t0) / 60:.1f} min")
+
+
 def _priority(cell: Cell, starts: set[str]) -> int:
     """Cells others start from first (burn-ins, STAC's teachers), then the cells that wait for
     them (the long semi-supervised ones), then the rest."""
@@ -96,12 +103,18 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
     def ready(cell: Cell) -> bool:
         return cell.depends_on is None or RunDir.of(home, cell.depends_on).status() == "done"
 
+    def finished(cell: Cell, outcome: str, into: list) -> None:
+        into.append(cell)
+        if not console.is_terminal:
+            console.print(_finished_line(cell, outcome, len(done) + len(failed), total, t0), markup=False,
+                          highlight=False)
+
     try:
         with Live(console=console, refresh_per_second=1, transient=False) as live:
             while queue or executor.jobs:
                 for cell, _ in [q for q in queue if q[0].depends_on in failed_keys]:
                     cell.run_dir(home).record_failure(f"the cell it starts from ({cell.depends_on[:12]}) failed")
-                    failed.append(cell)
+                    finished(cell, "failed", failed)
                     failed_keys.add(cell.key)
                 queue = [q for q in queue if q[0].key not in failed_keys]
                 if queue and not executor.jobs and not any(ready(c) for c, _ in queue):  # a bug, not user input
@@ -120,7 +133,7 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
                     executor.submit(pick[0], home, parent_run_id, attempts=pick[1])
                 for job, rc in executor.poll():
                     if rc == 0 and job.cell.status(home) == "done":
-                        done.append(job.cell)
+                        finished(job.cell, "done", done)
                         continue
                     tail = job.log.read_text()[-4000:] if job.log.exists() else ""
                     # a worker that died without writing failed.json (killed, segfault, OOM)
@@ -129,7 +142,7 @@ def run_cells(cells: list[Cell], executor, home: Path, *, retries: int = 0, fail
                         (job.cell.directory(home) / "failed.json").unlink(missing_ok=True)
                         queue.append((job.cell, job.attempts + 1))
                     else:
-                        failed.append(job.cell)
+                        finished(job.cell, "failed", failed)
                         failed_keys.add(job.cell.key)
                 if fail_fast and failed:
                     queue.clear()

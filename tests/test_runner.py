@@ -1,10 +1,12 @@
 """The runner on tiny cells: plan -> worker subprocesses -> cache -> tables; failures isolated."""
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from bench.executors.local import LocalExecutor
 from bench.plan import build_plan
@@ -86,8 +88,15 @@ def test_run_caches_reports_and_isolates_a_failing_cell(tmp_path, tiny):
 def test_a_failed_burn_in_fails_its_cells_with_the_reason(tmp_path, tiny):
     spec, cells, _ = _plan(tmp_path, tiny, ["solver.base_lr=1e30"])
     cells = [c for c in cells if c.column_id == "coco_standard_1"]
-    outcome = run_cells(cells, LocalExecutor(["cpu"], slots_per_device=2, track=False), tmp_path)
+    log = io.StringIO()  # not a terminal: one plain line per finished cell instead of the live table
+    outcome = run_cells(cells, LocalExecutor(["cpu"], slots_per_device=2, track=False), tmp_path,
+                        console=Console(file=log, width=200))
     assert len(outcome["failed"]) == 3 and not outcome["done"]
+    lines = [ln for ln in log.getvalue().splitlines() if ln.startswith("[")]
+    assert [ln.split(" (")[0] for ln in lines] == [
+        "[1/3] failed burn-in coco_standard_1 seed 1",
+        "[2/3] failed ubteacher coco_standard_1 seed 1",
+        "[3/3] failed ubteacher_lsm coco_standard_1 seed 1"], lines
     burn = cells[0]
     assert "loss became" in json.loads((burn.directory(tmp_path) / "failed.json").read_text())["error"]
     for c in cells[1:]:
