@@ -41,7 +41,8 @@ def reference_pool_by_level(features, proposals, canonical_scale, output_size=7,
 
 
 def reference_sample(heads, proposals, targets):
-    props, labels, reg_targets, scores, matched = [], [], [], [], []
+    """torchvision's per-image matching and sampling, as the detector did before it was batched."""
+    per_image = []  # (proposals, labels, scores, matched gt index, regression targets) of the kept RoIs
     matcher = det_utils.Matcher(0.5, 0.5, allow_low_quality_matches=False)
     sampler = det_utils.BalancedPositiveNegativeSampler(heads.sampler.batch_size_per_image,
                                                         heads.sampler.positive_fraction)
@@ -64,11 +65,9 @@ def reference_sample(heads, proposals, targets):
             matched_boxes = gt_boxes[idx]
         pos_mask, neg_mask = sampler([torch.where(lab == heads.num_classes, 0, lab + 1)])
         keep = torch.where(pos_mask[0] | neg_mask[0])[0]
-        props.append(p[keep])
-        labels.append(lab[keep])
-        scores.append(sc[keep])
-        matched.append(idx[keep])
-        reg_targets.append(heads.box_coder.encode_single(matched_boxes[keep], p[keep]))
+        per_image.append((p[keep], lab[keep], sc[keep], idx[keep],
+                          heads.box_coder.encode_single(matched_boxes[keep], p[keep])))
+    props, labels, scores, matched, reg_targets = (list(x) for x in zip(*per_image))
     return RoISamples(props, torch.cat(labels), torch.cat(reg_targets), torch.cat(scores), matched)
 
 
