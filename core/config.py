@@ -218,6 +218,11 @@ class SetTerms(_Strict):
     giou: float = Field(2.0, ge=0)
 
 
+# the flat names of SetTerms' values in configs written before they were grouped
+FLAT_SET_TERMS = {f"{old}_cost": ("matcher_cost", term) for old, term in (("class", "cls"), ("bbox", "bbox"), ("giou", "giou"))}
+FLAT_SET_TERMS |= {f"{term}_loss_weight": ("loss_weight", term) for term in ("cls", "bbox", "giou")}
+
+
 class DDETRConfig(_Strict):
     """Deformable DETR (method `ddetr`, adapters/ddetr.py, docs/ddetr.md). The network is HF's
     DeformableDetrModel with a torchvision trunk; matcher and loss weights are the official ones.
@@ -244,6 +249,18 @@ class DDETRConfig(_Strict):
     # the official set_cost_* of the Hungarian matching and *_loss_coef of the loss (HF's differ)
     matcher_cost: SetTerms = SetTerms()
     loss_weight: SetTerms = SetTerms()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_weights(cls, data: Any) -> Any:
+        """Read a run's config.yaml written before the weights were grouped (flat class_cost, ...,
+        giou_loss_weight), so older run directories stay readable."""
+        if isinstance(data, dict) and FLAT_SET_TERMS.keys() & data.keys():
+            data = dict(data)
+            for name, (group, term) in FLAT_SET_TERMS.items():
+                if name in data:
+                    data[group] = {**(data.get(group) or {}), term: data.pop(name)}
+        return data
     focal_alpha: float = Field(0.25, ge=0, le=1)
     # learning rates relative to solver.base_lr: trunk 2e-5 / 2e-4, sampling offsets and
     # reference points x 0.1 (official lr_backbone, lr_linear_proj_mult)

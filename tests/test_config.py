@@ -86,3 +86,15 @@ def test_naive_threshold_is_the_evaluations_large_bound_in_original_pixels():
     for name in ("demo", "demo_long", "forest", "coco", "coco_additional", "coco_imagenet", "voc"):
         cfg = load_config(name)
         assert cfg.lsm.naive_min_area == pytest.approx((96 * cfg.eval.area_scale) ** 2, rel=1e-4), name
+
+
+def test_a_config_yaml_with_the_flat_ddetr_weights_still_loads_into_the_grouped_ones():
+    from core.config import RunConfig
+
+    dump = load_config("demo", [], method="ddetr").model_dump(mode="json")
+    d = dump["ddetr"]
+    d.pop("matcher_cost"), d.pop("loss_weight")
+    d.update(class_cost=3.0, bbox_cost=4.0, giou_cost=1.0, cls_loss_weight=6.0, bbox_loss_weight=7.0, giou_loss_weight=8.0)
+    cfg = RunConfig.model_validate(dump)
+    assert cfg.ddetr.matcher_cost.model_dump() == {"cls": 3.0, "bbox": 4.0, "giou": 1.0}
+    assert cfg.ddetr.loss_weight.model_dump() == {"cls": 6.0, "bbox": 7.0, "giou": 8.0}
