@@ -3,13 +3,15 @@
 A cell's key is `bench.keys.cell_key` (config + split manifest + data hash + method code
 version), so `plan` answers "what is done" without running anything, and `run` recomputes only
 what is not. Seed i trains with seed i on split fold i: the paper's 5 runs are 5 folds.
-Cells that share a burn-in (bench/burn_in.py) depend on a burn-in cell, listed before them.
+Cells that share a burn-in (bench/burn_in.py) depend on a burn-in cell, listed before them;
+`start_cell` is the one place that says which cell a cell starts from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.burn_in import burn_in_config
 from core.config import RunConfig, load_config, preset_planning, preset_table_ratios
@@ -64,6 +66,10 @@ class Cell:
     def directory(self, home: Path) -> Path:
         return run_dir(home, self.key)
 
+    def start_from(self, home: Path) -> Path | None:
+        """The directory of the cell this one starts from, handed to its worker."""
+        return run_dir(home, self.depends_on) if self.depends_on else None
+
     def run_dir(self, home: Path) -> RunDir:
         """The cell's run directory with its files and status."""
         return RunDir(self.directory(home))
@@ -71,6 +77,23 @@ class Cell:
     def status(self, home: Path) -> str:
         """done | corrupt | failed | running | partial | pending (`core.paths.RunDir.status`)."""
         return self.run_dir(home).status()
+
+
+class StartCell(NamedTuple):
+    """The cell another one starts from: its shared burn-in or STAC's supervised teacher."""
+    row_id: str  # Cell.BURN_IN_ROW or Cell.TEACHER_ROW
+    config: RunConfig
+    key: str
+
+
+def start_cell(cfg: RunConfig, data) -> StartCell | None:
+    """The cell `cfg` starts from, on its prepared `data`, or None. The planner, `bench train` and
+    the studies ask here; the worker only receives the directory (its `start_from`)."""
+    if (bcfg := burn_in_config(cfg)) is not None:
+        return StartCell(Cell.BURN_IN_ROW, bcfg, cell_key(bcfg, data))
+    if (tcfg := teacher_config(cfg)) is not None:
+        return StartCell(Cell.TEACHER_ROW, tcfg, cell_key(tcfg, data))
+    return None
 
 
 def seconds_per_iteration(home: Path) -> dict[tuple, float]:
@@ -161,12 +184,9 @@ def build_plan(spec, preset: str, seeds: int, home: Path, ratios: list[float] | 
                     skipped_columns.add(col.id)
                 break
             cell = Cell(row.id, col.id, seed, cfg, cell_key(cfg, data))
-            if (bcfg := burn_in_config(cfg)) is not None:
-                cell.depends_on = cell_key(bcfg, data)
-                starts.setdefault(cell.depends_on, Cell(Cell.BURN_IN_ROW, col.id, seed, bcfg, cell.depends_on))
-            elif (tcfg := teacher_config(cfg)) is not None:
-                cell.depends_on = cell_key(tcfg, data)
-                starts.setdefault(cell.depends_on, Cell(Cell.TEACHER_ROW, col.id, seed, tcfg, cell.depends_on))
+            if (start := start_cell(cfg, data)) is not None:
+                cell.depends_on = start.key
+                starts.setdefault(start.key, Cell(start.row_id, col.id, seed, start.config, start.key))
             cells.append(cell)
     # a burn-in or teacher is needed while one of its cells is not done; one that is a cell of the
     # table already (STAC's teacher = the Supervised row's cell) is not planned twice

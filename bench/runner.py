@@ -6,7 +6,7 @@ Ctrl-C stops the workers (they keep their checkpoints) and a rerun continues.
 
 `plan_table` is the plan every table verb starts from (plan, run, report, export); `run_table` is
 `bench run` (device choice, executor, MLflow server, parent run, the summary); `train_cell` is
-`bench train`.
+`bench train`, and `run_with_start` trains one configuration after the cell it starts from.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from rich.table import Table
 
 from bench import tracking
 from core.errors import BenchError
+from bench.keys import cell_key
+from core.data.sources import prepare_data
 from core.paths import RunDir, done_result, read_result
-from bench.plan import Cell
+from bench.plan import Cell, start_cell
 
 console = Console()
 err_console = Console(stderr=True)
@@ -521,7 +523,6 @@ def train_cell(method: str, preset: str, overrides: list[str], *, ratio: Optiona
     """`bench train`: one configuration trained in this process (or its cached result), its COCO
     metrics printed; returns result.json's dict."""
     from bench.cli_common import check_config, check_device, check_overrides, resolve_home
-    from bench.worker import run_cell
     from core.config import load_config
 
     overrides = check_overrides(list(overrides))
@@ -535,9 +536,23 @@ def train_cell(method: str, preset: str, overrides: list[str], *, ratio: Optiona
         overrides.append("lsm.enabled=true")
     cfg = load_config(preset, overrides, method=method, seed=seed, device=device)
     check_config(cfg)
-    result = run_cell(cfg, resolve_home(home), track=track)
+    result = run_with_start(cfg, resolve_home(home), track=track)
     print_result(result)
     return result
+
+
+def run_with_start(cfg, home: Path, *, extra_hooks: list | None = None, **run_args) -> dict:
+    """One configuration without a plan (`bench train`, a study's trial): the cell it starts from
+    (`bench.plan.start_cell`: its burn-in, STAC's teacher) is trained first unless the cell is done
+    already, then the cell from it. `run_args` go to both `run_cell` calls, the hooks to the cell's."""
+    from bench.worker import run_cell
+
+    data = prepare_data(cfg.data, home)
+    if (start := start_cell(cfg, data)) is None:
+        return run_cell(cfg, home, extra_hooks=extra_hooks, **run_args)
+    if RunDir.of(home, cell_key(cfg, data)).status() != "done":  # a done cell needs nothing upstream
+        run_cell(start.config, home, **run_args)
+    return run_cell(cfg, home, start_from=RunDir.of(home, start.key).path, extra_hooks=extra_hooks, **run_args)
 
 
 def print_result(result: dict) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from core.config import RunConfig, load_config
 from core.errors import BenchError
+from core.paths import RunDir
 from core.methods import method_spec, upstream
 
 
@@ -31,21 +32,27 @@ def teacher_config(cfg: RunConfig) -> RunConfig | None:
                                      "lsm": preset.lsm.model_dump(), "mlc": preset.mlc.model_dump()})
 
 
-def attach_pseudo_labels(adapter, tcfg: RunConfig, tdir: Path, data, device) -> None:
-    """STAC's stage 2 for `adapter`: read the pseudo-label file of the done teacher cell `tcfg` in
-    `tdir`, made from the teacher's final weights on first use."""
+def attach_pseudo_labels(adapter, tdir: Path, data, device) -> None:
+    """STAC's stage 2 for `adapter`: read the pseudo-label file of the teacher cell in `tdir`, made
+    from the teacher's final weights on first use. The teacher is trained by the worker's caller
+    (`bench run`, `bench train`), never here: a teacher that is not done is a one-line error."""
     import torch
 
     from adapters import stac
     from adapters.base import get_adapter
     from core.data.transforms import view_settings
 
-    path, weights, teacher = tdir / stac.PSEUDO_LABEL_FILE, tdir / "model_final.pth", None
+    teacher_dir = RunDir(tdir)
+    if (status := teacher_dir.status()) != "done":
+        raise BenchError(f"teacher cell {tdir} is {status}, not done: train it first (`bench run` and `bench train` "
+                         "train a STAC cell's teacher before it), or delete that directory to train it again")
+    path, weights, teacher, test_view = tdir / stac.PSEUDO_LABEL_FILE, tdir / "model_final.pth", None, None
     if not path.exists():  # first use: the teacher's final weights make the file
         if not weights.exists():
             raise BenchError(f"teacher cell {tdir} has neither its weights nor its pseudo-label file (a cell "
                              "imported from an archive carries neither); delete that directory to train it again")
+        tcfg = RunConfig.model_validate(teacher_dir.config())  # the teacher's own detector and test view
         teacher = get_adapter("supervised")(tcfg, data.num_classes, device).student
         teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["student"])
-    adapter.attach_pseudo_labels(stac.ensure_pseudo_labels(path, teacher, data.unlabeled,
-                                                           view_settings(tcfg.data.aug, False), device))
+        test_view = view_settings(tcfg.data.aug, False)
+    adapter.attach_pseudo_labels(stac.ensure_pseudo_labels(path, teacher, data.unlabeled, test_view, device))

@@ -3,6 +3,8 @@
 `run_cell` prepares the data, builds the adapter, resumes from the newest checkpoint of the cell's
 directory if there is one, trains, evaluates the models the adapter names, and writes
 `result.json` last and atomically: a cell with a result.json is done and never recomputed.
+The cell it starts from (its burn-in, STAC's teacher) is its caller's business: the caller finds it
+(`bench.plan.start_cell`), trains it first and hands over its directory as `start_from`.
 
 With WORLD_SIZE > 1 in the environment (torchrun, `bench run --gpus-per-cell N`, a Slurm task)
 the cell is one DDP job of N processes: rank 0 makes the split, writes every file, logs to MLflow
@@ -30,7 +32,6 @@ from adapters.engine.inference import run_inference
 from adapters.engine.solver import build_optimizer, build_scheduler
 from adapters.engine.trainer import StopTraining, Trainer
 from bench import burn_in, tracking
-from bench.burn_in import burn_in_config
 from bench.tracking import cell_label, run_name, run_tags
 from core.config import RunConfig, dump_config
 from core.data.loader import make_loader
@@ -39,9 +40,10 @@ from core.data.transforms import view_settings
 from core.evaluate import evaluate_coco, evaluate_voc, teacher_diagnostics
 from core.errors import BenchError
 from bench.keys import cell_key
+from core.methods import upstream
 from core.paths import done_result, read_result, result_ok, run_dir
 from core.streams import UNLABELED_LOADER
-from bench.teacher import attach_pseudo_labels, teacher_config
+from bench.teacher import attach_pseudo_labels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,26 +132,33 @@ def _scalar_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str,
     return flat
 
 
-def run_cell(cfg: RunConfig, home: Path, *, track: bool = True, progress: bool = True,
-             parent_run_id: str | None = None, extra_hooks: list | None = None) -> dict:
+def run_cell(cfg: RunConfig, home: Path, *, start_from: Path | None = None, track: bool = True,
+             progress: bool = True, parent_run_id: str | None = None, extra_hooks: list | None = None) -> dict:
     """Train + evaluate one configuration (or return its cached result). Returns result.json's dict.
 
+    `start_from`: the directory of the cell `cfg` starts from (`bench.plan.start_cell`), trained by
+    the caller. A burn-in's checkpoint is loaded if it has one (else the cell trains alone from
+    iteration 0, to the same result); STAC's teacher must be done. No other cell is trained here.
+
     With WORLD_SIZE > 1 in the environment this process is one rank of the cell's DDP job (every
-    rank calls run_cell and returns the same result); a group that already exists is used as is."""
-    home = Path(home)
+    rank calls run_cell, with the same `start_from`, and returns the same result); a group that
+    already exists is used as is."""
+    home, start_from = Path(home), None if start_from is None else Path(start_from)
+    if start_from is not None and upstream(cfg) == "none":  # a caller's bug, not user input
+        raise ValueError(f"a {cfg.method} cell (stage {cfg.stage}) starts from no cell; got start_from={start_from}")
     created = distributed.env_world_size() > 1 and not distributed.is_distributed()
     if created:
         distributed.init_process_group(resolve_device(cfg.device))
     # On an exception the group is left to the process's exit: other ranks may still be in a
     # collective, and the launcher stops them.
-    result = _run_cell(cfg, home, track, progress, parent_run_id, extra_hooks)
+    result = _run_cell(cfg, home, start_from, track, progress, parent_run_id, extra_hooks)
     if created:
         distributed.teardown()
     return result
 
 
-def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_run_id: str | None,
-              extra_hooks: list | None) -> dict:
+def _run_cell(cfg: RunConfig, home: Path, start_from: Path | None, track: bool, progress: bool,
+              parent_run_id: str | None, extra_hooks: list | None) -> dict:
     if distributed.is_distributed():  # batch sizes are global: each rank reads global / N images
         distributed.per_rank_batch(cfg.solver.ims_per_batch_labeled, "solver.ims_per_batch_labeled")
         if get_adapter(cfg.method).unlabeled_views:
@@ -174,15 +183,15 @@ def _run_cell(cfg: RunConfig, home: Path, track: bool, progress: bool, parent_ru
     try:
         if distributed.broadcast_object((cached := done_result(result_path)) is not None):
             return cached if cached is not None else read_result(result_path)
-        return _train_cell(cfg, home, data, key, rdir, track, progress, parent_run_id, extra_hooks)
+        return _train_cell(cfg, home, data, key, rdir, start_from, track, progress, parent_run_id, extra_hooks)
     finally:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_UN)
             lock.close()
 
 
-def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path, track: bool, progress: bool,
-                parent_run_id: str | None, extra_hooks: list | None) -> dict:
+def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path, start_from: Path | None,
+                track: bool, progress: bool, parent_run_id: str | None, extra_hooks: list | None) -> dict:
     result_path = rdir / "result.json"
     main = distributed.is_main()  # under DDP only rank 0 writes files, logs and evaluates
     if main:
@@ -208,23 +217,24 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
             set_rng_state(rng)
             own_rng = True
         trainer.start_iter = state["iteration"] + 1
-    elif (bcfg := burn_in_config(cfg)) is not None:  # or start from its shared burn-in, if trained
-        bdir = run_dir(home, cell_key(bcfg, data))
+    elif start_from is not None and upstream(cfg) == "burn_in":  # or start from its shared burn-in, if trained
         # an imported burn-in (bench/archive.py) has its result but no weights: train alone then
-        if distributed.broadcast_object(result_ok(bdir / "result.json") and (bdir / burn_in.CHECKPOINT).exists()):
-            trainer.start_iter = burn_in.load(bdir / burn_in.CHECKPOINT, trainer)
-            burn_in_from = bdir.name
+        if distributed.broadcast_object(result_ok(start_from / "result.json")
+                                        and (start_from / burn_in.CHECKPOINT).exists()):
+            trainer.start_iter = burn_in.load(start_from / burn_in.CHECKPOINT, trainer)
+            burn_in_from = start_from.name
     if distributed.is_distributed():
         # what DDP does at construction: every rank starts from rank 0's weights
         distributed.broadcast_tensors([m.state_dict() for m in (adapter.student, getattr(adapter, "teacher", None))
                                        if isinstance(m, torch.nn.Module)])
         if distributed.rank() > 0 and not own_rng:  # its own RoI/anchor sampling stream
             seed_everything(distributed.rank_seed(cfg.seed))
-    if (tcfg := teacher_config(cfg)) is not None:  # STAC: pseudo-labels from its supervised teacher cell
-        # the runner schedules the teacher first; `bench train --method stac` trains it here (every rank)
-        tdir = run_dir(home, run_cell(tcfg, home, track=track, progress=progress, parent_run_id=parent_run_id)["key"])
+    if upstream(cfg) == "supervised_teacher":  # STAC: pseudo-labels from its done supervised teacher cell
+        if start_from is None:
+            raise BenchError(f"a {cfg.method} cell needs its teacher cell's directory; train it with `bench train` "
+                             "or `bench run`, which train the teacher first")
         # rank 0 writes the pseudo-label file, the others read it
-        distributed.main_first(lambda: attach_pseudo_labels(adapter, tcfg, tdir, data, device))
+        distributed.main_first(lambda: attach_pseudo_labels(adapter, start_from, data, device))
     trainer.iter = trainer.start_iter
     trainer.data = batch_stream(cfg, adapter, data, trainer.start_iter)
 
@@ -311,7 +321,9 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.worker CONFIG.yaml --home DIR [--parent-run-id ID]`: one cell, no progress bar.
+    """`python -m bench.worker CONFIG.yaml --home DIR [--start-from DIR] [--parent-run-id ID]`: one
+    cell, no progress bar; `--start-from` is the directory of the cell it starts from (the plan's
+    `depends_on`), the same for every rank of a DDP job.
 
     The runner starts one such process per cell, so a crash, a NaN or an out-of-memory kill stays
     in that cell (its failed.json) and the orchestrator goes on.
@@ -323,11 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.worker")
     ap.add_argument("config", type=Path)
     ap.add_argument("--home", type=Path, required=True)
+    ap.add_argument("--start-from", type=Path, default=None)
     ap.add_argument("--parent-run-id", default=None)
     ap.add_argument("--no-track", action="store_true")
     args = ap.parse_args(argv)
     cfg = RunConfig.model_validate(yaml.safe_load(args.config.read_text()))
-    run_cell(cfg, args.home, track=not args.no_track, progress=False, parent_run_id=args.parent_run_id)
+    run_cell(cfg, args.home, start_from=args.start_from, track=not args.no_track, progress=False,
+             parent_run_id=args.parent_run_id)
     return 0
 
 

@@ -308,8 +308,8 @@ def _fig4(name, preset, overrides, seeds, ratio, train, home, out, command):
     from bench.plan import build_plan
     from bench.report.figures import (eval_curves, plot_pseudo_label_quality, plot_training_curves,
                                       pseudo_label_curves, save)
+    from bench.runner import run_with_start
     from bench.specs import load_spec
-    from bench.worker import run_cell
 
     spec = load_spec("table1")
     cells, _ = build_plan(spec, preset, seeds, home, [ratio], overrides)
@@ -323,7 +323,7 @@ def _fig4(name, preset, overrides, seeds, ratio, train, home, out, command):
             if not train:
                 raise BenchError(f"cell {c.row_id} seed {c.seed} ({c.key[:12]}) is {c.status(home)}; pass --train or "
                                  f"run `bench run table1 --preset {preset} --ratios {ratio:g} --seeds {seeds}` with the same overrides")
-            run_cell(c.config, home)
+            run_with_start(c.config, home)
         path = c.directory(home) / "metrics.jsonl"
         df = eval_curves(path) if name == "fig4" else pseudo_label_curves(path)
         frames.append(df.assign(method=labels[c.row_id], seed=c.seed, cell_key=c.key))

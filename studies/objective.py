@@ -19,10 +19,9 @@ from adapters.engine.hooks import HookBase
 from adapters.engine.trainer import StopTraining
 from core.data.sources import prepare_data
 from core.paths import run_dir
-from bench.burn_in import burn_in_config
 from bench.keys import cell_key
+from bench.runner import run_with_start
 from bench.sync import recorded_run_id
-from bench.worker import run_cell
 
 REPORTED = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 WORKER_ATTR = "bench_worker"  # system attr: host:pid:start of the process running the trial
@@ -124,11 +123,9 @@ def objective(trial: optuna.Trial, defn, home: Path, mlflow_cb) -> float:
             hook = PruneOnEval(trial, rdir / "metrics.jsonl", cfg.solver.eval_period,
                                on_report=lambda v, s: mlflow_cb.report(trial, v, s))
             hooks.append(hook)
-        if not cached and (bcfg := burn_in_config(cfg)) is not None:  # trials of one seed share it
-            run_cell(bcfg, home, track=mlflow_cb.enabled, progress=False, parent_run_id=parent)
-        try:
-            result = run_cell(cfg, home, track=mlflow_cb.enabled, progress=False, parent_run_id=parent,
-                              extra_hooks=hooks)
+        try:  # after its burn-in or teacher, which trials of one seed share
+            result = run_with_start(cfg, home, track=mlflow_cb.enabled, progress=False, parent_run_id=parent,
+                                    extra_hooks=hooks)
         except StopTraining:
             if hook is None or hook.pruned_at is None:
                 raise

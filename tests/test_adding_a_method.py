@@ -65,11 +65,12 @@ def _tiny():
 def test_the_toy_method_trains_as_a_cell_with_its_own_burn_in(toy, tmp_path):
     from bench.burn_in import burn_in_config
     from bench.worker import run_cell
+    from core.paths import run_dir
 
     burn_in = burn_in_config(toy)  # upstream="burn_in": the harness plans a shared burn-in cell
     assert burn_in is not None and burn_in.stage == "burn_in" and burn_in.method == NAME
     first = run_cell(burn_in, tmp_path, track=False, progress=False)
-    result = run_cell(toy, tmp_path, track=False, progress=False)
+    result = run_cell(toy, tmp_path, start_from=run_dir(tmp_path, first["key"]), track=False, progress=False)
     assert result["method"] == NAME and result["primary_model"] == "teacher"
     assert result["burn_in_from"] == first["key"]  # it started from its burn-in cell
     assert set(result["metrics"]["teacher"]) >= {"AP", "AP50"}

@@ -88,7 +88,7 @@ def test_cell_started_from_shared_burn_in_equals_cell_trained_alone(tmp_path, ti
     # the student it hands over is evaluated as a teacher (and that changes nothing downstream)
     assert {"AP", "cover_0.7", "precision_0.9", "cover_0.5_small"} <= set(burn["burn_in_teacher"])
     assert "metrics" not in burn
-    shared = run_cell(cfg, shared_home, track=False, progress=False)
+    shared = run_cell(cfg, shared_home, start_from=run_dir(shared_home, burn["key"]), track=False, progress=False)
     assert shared["burn_in_from"] == burn["key"]
     assert shared["key"] == alone["key"]
 
@@ -134,6 +134,6 @@ def test_a_burn_in_without_its_weights_is_trained_through(tmp_path, tiny):
     burn = run_cell(burn_in_config(cfg), home, track=False, progress=False)
     (run_dir(home, burn["key"]) / "burn_in.pth").unlink()
     shutil.rmtree(tmp_path / "a")
-    again = run_cell(cfg, home, track=False, progress=False)
+    again = run_cell(cfg, home, start_from=run_dir(home, burn["key"]), track=False, progress=False)
     assert again["burn_in_from"] is None
     assert json.dumps(again["metrics"], sort_keys=True) == json.dumps(alone["metrics"], sort_keys=True)

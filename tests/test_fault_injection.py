@@ -37,13 +37,14 @@ def test_a_table_survives_a_killed_checkpoint_a_corrupt_result_and_a_broken_trac
             run_cell(c.config, home, track=True, progress=False)
     # UBT 1 %: done, then its result.json is cut in half (a crash while the disk filled up)
     ubt = by_row[("ubteacher", "coco_standard_1")]
-    run_cell(ubt.config, home, track=True, progress=False)
+    run_cell(ubt.config, home, start_from=ubt.start_from(home), track=True, progress=False)
     result = ubt.directory(home) / "result.json"
     result.write_text(result.read_text()[: len(result.read_text()) // 2])
     # UBT + LSM 1 %: killed after iteration 5, its last checkpoint truncated as if killed while writing
     lsm = by_row[("ubteacher_lsm", "coco_standard_1")]
     with pytest.raises(StopTraining):
-        run_cell(lsm.config, home, track=True, progress=False, extra_hooks=[StopAfter(5)])
+        run_cell(lsm.config, home, start_from=lsm.start_from(home), track=True, progress=False,
+                 extra_hooks=[StopAfter(5)])
     last = sorted(lsm.directory(home).glob("checkpoints/iter_*.pth"))[-1]
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     # the tracking store is overwritten with garbage: every MLflow call of the rerun fails

@@ -111,6 +111,9 @@ def test_cells_are_grouped_into_one_array_per_resource_profile(tmp_path, tiny, n
     assert len(ex.jobs) == 6 and ex.submitted == [j.job_id for j in jobs]
     task = batches[0][1][0]
     assert task.argv[1:] == ["--home", str(tmp_path.resolve()), "--parent-run-id", "parent123"]
+    # the cells that start from a burn-in get its directory, as the plan resolved it
+    starts = {str(c.start_from(tmp_path.resolve())) for c in cells if c.depends_on}
+    assert {t.argv[t.argv.index("--start-from") + 1] for t in batches[1][1]} == starts and len(starts) == 2
     import yaml
 
     assert yaml.safe_load(Path(task.argv[0]).read_text())["device"] == "cuda"  # GPU profile

@@ -2,7 +2,8 @@
 (submitit job arrays) plugs in behind the same methods.
 
 Both start a cell the same way: its config.yaml (with the device the slot gives it) in the cell's
-directory, then `bench.worker.main(worker_argv(...))`; the helpers below are that shared part.
+directory, then `bench.worker.main(worker_argv(...))` with the directory of the cell it starts
+from, as the plan resolved it; the helpers below are that shared part.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ def write_cell_config(cell, home: Path, device: str) -> Path:
     return path
 
 
-def worker_argv(config: Path, home: Path, parent_run_id: str | None, track: bool) -> list[str]:
-    """Arguments of `bench.worker.main` for one cell."""
-    argv = [str(config), "--home", str(home)]
+def worker_argv(cell, home: Path, device: str, parent_run_id: str | None, track: bool) -> list[str]:
+    """Arguments of `bench.worker.main` for one cell (its config.yaml written here); every rank of
+    a DDP job gets the same, its `--start-from` included."""
+    argv = [str(write_cell_config(cell, home, device)), "--home", str(home)]
+    if (start := cell.start_from(home)) is not None:
+        argv += ["--start-from", str(start)]
     if parent_run_id:
         argv += ["--parent-run-id", parent_run_id]
     if not track:

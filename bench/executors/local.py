@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import BenchError
-from bench.executors import worker_argv, write_cell_config
+from bench.executors import worker_argv
 
 _CONTEXT = None
 
@@ -158,7 +158,7 @@ class LocalExecutor:
         slot = self.free_slot()
         assert slot is not None, "submit called without a free slot"
         device = "cuda" if self._groups[slot // self.slots_per_device][0].startswith("cuda") else "cpu"
-        argv = worker_argv(write_cell_config(cell, home, device), home, parent_run_id, self.track)
+        argv = worker_argv(cell, home, device, parent_run_id, self.track)
         rdir = cell.directory(home)
         log = rdir / "worker.log"
         # The fork server's environment is the one it started with; where the runs go is the

@@ -5,7 +5,8 @@ Same interface as `LocalExecutor` (`jobs`, `slots`, `free_slot`, `submit`, `poll
 arrays (`--array-parallelism` caps how many of one array run at a time, Slurm's `%K`).
 
 - Each array element runs `CellTask`: `bench.worker.main([config.yaml, --home, ...])`, the cell's
-  config written exactly as the local executor writes it (`bench.executors.write_cell_config`).
+  config and arguments (`--start-from` the directory of the cell it starts from) made exactly as
+  the local executor makes them (`bench.executors.worker_argv`).
 - Preemption / timeout: `CellTask` is a `submitit.helpers.Checkpointable`, so on Slurm's warning
   signal submitit requeues the same call; the worker then resumes from the cell's newest checkpoint
   (what is lost is the work since it, at most `solver.checkpoint_period` iterations).
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import BenchError
-from bench.executors import worker_argv, write_cell_config
+from bench.executors import worker_argv
 
 # squeue states of a job that has not ended (a requeued job passes through REQUEUED/PREEMPTED)
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -220,7 +221,7 @@ class SlurmExecutor:
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
             ex.update_parameters(**self._parameters(res))
             device = "cuda" if res.gpus else "cpu"
-            tasks = [CellTask(worker_argv(write_cell_config(c, home, device), home, parent_run_id, self.track))
+            tasks = [CellTask(worker_argv(c, home, device, parent_run_id, self.track))
                      for c, _ in group]
             refused = io.StringIO()  # submitit prints sbatch's stderr itself; it goes into the one-line error
             try:

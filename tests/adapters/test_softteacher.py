@@ -323,7 +323,8 @@ def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_
     cfg = _e2e_config(monkeypatch)
     alone = run_cell(cfg, tmp_path / "a", track=False, progress=False)
     burn = run_cell(burn_in_config(cfg), tmp_path / "b", track=False, progress=False)
-    shared = run_cell(cfg, tmp_path / "b", track=False, progress=False)
+    shared = run_cell(cfg, tmp_path / "b", start_from=run_dir(tmp_path / "b", burn["key"]), track=False,
+                      progress=False)
     assert shared["burn_in_from"] == burn["key"] and alone["burn_in_from"] is None
     _assert_same(*_final_states((tmp_path / "a", alone), (tmp_path / "b", shared)))
     assert json.dumps(shared["metrics"], sort_keys=True) == json.dumps(alone["metrics"], sort_keys=True)
