@@ -51,13 +51,12 @@ def build(method: str, preset: str, lsm: bool, device: str, home: Path, override
     those cells are trained once into `home` and reused."""
     from adapters.base import get_adapter
     from bench import burn_in
-    from bench.burn_in import burn_in_config
+    from bench.plan import Cell, start_cell
+    from bench.teacher import attach_pseudo_labels
+    from bench.worker import batch_stream, run_cell, seed_everything
     from core.config import load_config
     from core.data.sources import prepare_data
-    from bench.keys import cell_key
     from core.paths import run_dir
-    from bench.teacher import attach_pseudo_labels, teacher_config
-    from bench.worker import batch_stream, run_cell, seed_everything
 
     extra = ["lsm.alpha=0.3"] if method == "pseco" else []
     cfg = load_config(preset, overrides + ROW_OVERRIDES.get(method, []) + extra +
@@ -67,17 +66,17 @@ def build(method: str, preset: str, lsm: bool, device: str, home: Path, override
     seed_everything(cfg.seed)
     adapter = get_adapter(method)(cfg, data.num_classes, dev)
     start = 0
-    if (bcfg := burn_in_config(cfg)) is not None:
-        run_cell(bcfg, home, track=False, progress=False)
-        state = torch.load(run_dir(home, cell_key(bcfg, data)) / burn_in.CHECKPOINT, map_location="cpu",
-                           weights_only=False)
+    if (first := start_cell(cfg, data)) is not None:  # its burn-in or teacher cell, trained once into home
+        run_cell(first.config, home, track=False, progress=False)
+    if first is not None and first.row_id == Cell.BURN_IN_ROW:
+        state = torch.load(run_dir(home, first.key) / burn_in.CHECKPOINT, map_location="cpu", weights_only=False)
         adapter.student.load_state_dict(state["model"], strict=False)  # F_aux is not in a burn-in
         adapter.teacher.load_state_dict(adapter.student.state_dict())
         if (copy_hook := adapter.on_teacher_copy()) is not None:
             copy_hook()
         start = cfg.semi.burn_in
-    elif teacher_config(cfg) is not None:
-        attach_pseudo_labels(adapter, cfg, home, data, dev, track=False, progress=False)
+    elif first is not None:
+        attach_pseudo_labels(adapter, run_dir(home, first.key), data, dev)
     batch = next(batch_stream(cfg, adapter, data, start))
     return cfg, adapter, batch, start
 

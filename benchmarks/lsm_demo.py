@@ -17,7 +17,7 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 
 from core.config import load_config
 from core.paths import bench_home
-from bench.worker import run_cell
+from bench.runner import run_with_start
 
 VARIANTS = {
     "UBT": [],
@@ -40,7 +40,7 @@ def main() -> None:
         for name, extra in VARIANTS.items():
             cfg = load_config(args.preset, args.overrides + extra + [f"data.ratio={args.ratio}"],
                               method="ubteacher", seed=seed)
-            result = run_cell(cfg, home)
+            result = run_with_start(cfg, home)
             ap_of[name][seed] = result["metrics"]["teacher"]
             print(f"{name:8s} seed {seed}: teacher AP {result['metrics']['teacher']['AP']:.2f}  "
                   f"student AP {result['metrics']['student']['AP']:.2f}  (cell {result['key'][:12]})", flush=True)
