@@ -214,7 +214,7 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
     `notes` on columns the plan left out go into the tables' headers (a reader sees why a
     column is empty)."""
     from bench.report.tables import write_all
-    from bench.report.teachers import teacher_diagnostics, write_teachers
+    from bench.report.teachers import burn_in_teachers, write_teachers
 
     results, failed = collect(cells, home, spec.all_metrics)
     if results.empty:  # a published table is never replaced by an empty one
@@ -227,7 +227,7 @@ def report(spec, cells: list[Cell], home: Path, out_dir: Path, preset: str, comm
 
         figure = write_deltas_figure(spec, results, out_dir, command, header, planned_columns(cells))
         paths += list(figure or ())
-    if not (teachers := teacher_diagnostics(cells, home, spec)).empty:  # the regime the rows rest on
+    if not (teachers := burn_in_teachers(cells, home, spec)).empty:  # the regime the rows rest on
         paths += write_teachers(teachers, spec.name, out_dir, header)
     if (Path(out_dir) / "index.html").exists():  # `bench report --all` made one: keep it current
         from bench.report.index import write_index

@@ -345,14 +345,14 @@ def _area_scale_note(area_scale: str | None) -> str:
             f"eval.area_scale = {'; '.join(bounds)}.")
 
 
-def _comment_value(v: str) -> str:
+def comment_value(v: str) -> str:
     """An html/md comment must not close early: break up `-->`, `--!>` and `-- >`."""
     return re.sub(r"--(?=\s*!?>)", "- -", v)
 
 
 def _render_md(spec, cells, deltas, header, err) -> str:
     st = _STYLES["md"]
-    out = [f"<!-- {k}: {_comment_value(v)} -->" for k, v in header]
+    out = [f"<!-- {k}: {comment_value(v)} -->" for k, v in header]
     out += ["", f"### {_md_escape(spec.name)}: {_md_escape(spec.title)}", ""]
     head, body = _grid(spec, cells, st)
     out += _md_table(head, body)
@@ -392,7 +392,7 @@ def _tex_table(head, body, caption: str, label: str, align: str) -> list[str]:
 def _render_html(spec, cells, deltas, header, err) -> str:
     st = _STYLES["html"]
     esc = st.escape
-    out = [f"<!-- {k}: {_comment_value(v)} -->" for k, v in header]
+    out = [f"<!-- {k}: {comment_value(v)} -->" for k, v in header]
     out += ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
             f"<title>{esc(spec.name)}: {esc(spec.title)}</title>", "</head>", "<body>"]
     head, body = _grid(spec, cells, st)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.tables import _comment_value
+from bench.report.tables import comment_value
 from core.paths import done_result, run_dir
 
 COLUMNS = ["method", "column", "t", "seed", "AP", "cover", "precision"]
 
 
-def teacher_diagnostics(cells, home: Path, spec) -> pd.DataFrame:
+def burn_in_teachers(cells, home: Path, spec) -> pd.DataFrame:
     """One row per (done burn-in cell, t of a cell that starts from it); `cells`: the plan's."""
     rows, seen = [], set()
     for c in cells:
@@ -60,7 +60,7 @@ def write_teachers(frame: pd.DataFrame, spec_name: str, out_dir: Path, header: d
     """`<table>_teachers.md` and `.csv`, with the table's header (command, commit, preset) on top."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    comments = "".join(f"<!-- {k}: {_comment_value(str(v))} -->\n" for k, v in header.items())
+    comments = "".join(f"<!-- {k}: {comment_value(str(v))} -->\n" for k, v in header.items())
     md, csv = out_dir / f"{spec_name}_teachers.md", out_dir / f"{spec_name}_teachers.csv"
     md.write_text(comments + "\n" + render_md(frame, f"{spec_name}: the burn-in teachers"))
     csv.write_text("".join(f"# {k}: {v}\n" for k, v in header.items()) + frame.to_csv(index=False, lineterminator="\n"))

@@ -3,7 +3,7 @@ burn-in cells' result.json, averaged over seeds by hand, and written next to the
 
 import json
 
-from bench.report.teachers import render_md, teacher_diagnostics
+from bench.report.teachers import render_md, burn_in_teachers
 from bench.runner import report
 from tests.report.fake_cells import MINI, mark_done, plan
 
@@ -26,7 +26,7 @@ def test_teacher_diagnostics_by_hand_and_written_with_the_table(tmp_path):
     spec, cells, _ = plan(MINI, home, seeds=2)
     assert {c.config.semi.t for c in cells if c.starts_after_burn_in} == {0.7}
     _burn_in_done(cells, home, {1: (20.0, 0.30, 0.80), 2: (24.0, 0.40, 0.60)})
-    frame = teacher_diagnostics(cells, home, spec)
+    frame = burn_in_teachers(cells, home, spec)
     # UBT and UBT + LSM share each seed's burn-in (and t): one row per burn-in, the 5 % ones not done
     assert frame[["method", "column", "t", "seed", "AP", "cover", "precision"]].values.tolist() == [
         ["ubteacher", "1%", 0.7, 1, 20.0, 0.30, 0.80], ["ubteacher", "1%", 0.7, 2, 24.0, 0.40, 0.60]]
