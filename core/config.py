@@ -227,7 +227,7 @@ class DDETRConfig(_Strict):
     """Deformable DETR (method `ddetr`, adapters/ddetr.py, docs/ddetr.md). The network is HF's
     DeformableDetrModel with a torchvision trunk; matcher and loss weights are the official ones.
     Its optimizer settings are the `solver` section, which presets set for ddetr under
-    `method_defaults.ddetr` (AdamW 2e-4, clip 0.1)."""
+    `method_defaults.ddetr` (AdamW, clip 0.1; lr 2e-4 at the paper's scale)."""
 
     # supervised: labeled images only (Table 3's Omega); stac: labeled + offline pseudo-labels from
     # the Faster R-CNN teacher cell; pretrain_finetune: pseudo-labeled unlabeled images first, then

@@ -151,7 +151,8 @@ def test_param_group_learning_rates():
     opt = build_optimizer(ad.param_groups(), cfg.solver)
     assert isinstance(opt, torch.optim.AdamW) and cfg.solver.clip_grad_norm == 0.1
     lr = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert lr == pytest.approx({"rest": 2e-4, "backbone": 2e-5, "linear_proj": 2e-5})
+    base = cfg.solver.base_lr  # the official ratios: trunk and sampling offsets at a tenth
+    assert lr == pytest.approx({"rest": base, "backbone": base / 10, "linear_proj": base / 10})
     group_of = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
     named = dict(ad.student.named_parameters())
     assert group_of[id(named["transformer.decoder.layers.0.encoder_attn.sampling_offsets.weight"])] == "linear_proj"
