@@ -153,6 +153,10 @@ def test_param_group_learning_rates():
     lr = {g["name"]: g["lr"] for g in opt.param_groups}
     base = cfg.solver.base_lr  # the official ratios: trunk and sampling offsets at a tenth
     assert lr == pytest.approx({"rest": base, "backbone": base / 10, "linear_proj": base / 10})
+    # the paper's preset keeps the official recipe; the demo's lr and length are its own (docs/ddetr.md)
+    paper = load_config("coco_imagenet", [], method="ddetr").solver
+    assert (paper.base_lr, paper.max_iter, paper.steps) == (2e-4, 184800, [147840])
+    assert (cfg.solver.base_lr, cfg.solver.max_iter, cfg.solver.steps) == (2e-3, 2800, [2240])
     group_of = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
     named = dict(ad.student.named_parameters())
     assert group_of[id(named["transformer.decoder.layers.0.encoder_attn.sampling_offsets.weight"])] == "linear_proj"
