@@ -3,7 +3,7 @@ burn-in cells' result.json, averaged over seeds by hand, and written next to the
 
 import json
 
-from bench.report.teachers import render_md, burn_in_teachers
+from bench.report.teachers import burn_in_teachers, render_md
 from bench.runner import report
 from tests.report.fake_cells import MINI, mark_done, plan
 
@@ -21,7 +21,7 @@ def _burn_in_done(cells, home, seed_values):
                                     "cover_0.5": 0.9, "precision_0.5": 0.1}}))
 
 
-def test_teacher_diagnostics_by_hand_and_written_with_the_table(tmp_path):
+def test_burn_in_teachers_by_hand_and_written_with_the_table(tmp_path):
     home = tmp_path / "home"
     spec, cells, _ = plan(MINI, home, seeds=2)
     assert {c.config.semi.t for c in cells if c.starts_after_burn_in} == {0.7}
