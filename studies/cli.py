@@ -302,6 +302,10 @@ def _study_exists(name: str, home: Path, storage: Optional[str]) -> bool:
     return name in {s.study_name for s in optuna.get_all_study_summaries(open_storage(home, storage))}
 
 
+PL_SETS = {"ubteacher": "UBteacher, score > t", "ubteacher_lsm": "UBteacher + LSM, score > t",
+           "alpha": "UBteacher + LSM, score > α"}
+
+
 def _fig4(name, preset, overrides, seeds, ratio, train, home, out, command):
     import pandas as pd
 
@@ -325,8 +329,13 @@ def _fig4(name, preset, overrides, seeds, ratio, train, home, out, command):
                                  f"run `bench run table1 --preset {preset} --ratios {ratio:g} --seeds {seeds}` with the same overrides")
             run_with_start(c.config, home)
         path = c.directory(home) / "metrics.jsonl"
-        df = eval_curves(path) if name == "fig4" else pseudo_label_curves(path)
-        frames.append(df.assign(method=labels[c.row_id], seed=c.seed, cell_key=c.key))
+        if name == "fig4":
+            frames.append(eval_curves(path).assign(method=labels[c.row_id], seed=c.seed, cell_key=c.key))
+            continue
+        # the sets each row trains on: above t (main branch), and with LSM also above alpha (PIM / SD)
+        sets = [("pl", PL_SETS[c.row_id])] + ([("pl_alpha", PL_SETS["alpha"])] if c.row_id == "ubteacher_lsm" else [])
+        for prefix, label in sets:
+            frames.append(pseudo_label_curves(path, prefix).assign(method=label, seed=c.seed, cell_key=c.key))
     data = pd.concat(frames, ignore_index=True)
     if name == "fig4":
         if data["iteration"].nunique() < 2:

@@ -6,7 +6,8 @@
   evaluations the worker logs to each cell's metrics.jsonl.
 - Figure 1: IoU of pseudo-labels (detections above the threshold) with the ground truth against
   box area, from a trained supervised detector on images whose ground truth we have.
-- Pseudo-label quality per step: precision / recall by size that the UBteacher adapter logs.
+- Pseudo-label quality per step: precision / recall by size of the sets the UBteacher adapter logs
+  (above t; with LSM also above alpha).
 - Samples: a teacher's detections on a few unlabeled images beside their hidden ground truth,
   coloured by score, the line style telling the band: dropped (<= alpha), LSM's PIM/SD only
   (alpha < score <= t), pseudo-label of the main branch (> t).
@@ -121,27 +122,41 @@ def pseudo_label_curves(metrics_path: Path, prefix: str = "pl") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["iteration", "stat", "size", "value"])
 
 
-def plot_pseudo_label_quality(df: pd.DataFrame, title: str = "Pseudo-label quality (IoU ≥ 0.5, same class)") -> plt.Figure:
-    """`df`: method, seed, iteration, stat, size, value; precision and recall panels, a line per size."""
+def plot_pseudo_label_quality(df: pd.DataFrame, title: str = "Pseudo-label quality (IoU ≥ 0.5, same class)",
+                              bins: int = 20) -> plt.Figure:
+    """`df`: method (the pseudo-label set), seed, iteration, stat, size, value. A grid of precision and
+    recall (rows) by box size (columns), a line per set: the per-step values come from a few images,
+    so each seed's values are averaged over `bins` equal spans of iterations before the mean +- std
+    over seeds is drawn (the CSV keeps every step)."""
     _require(df, ("method", "iteration", "stat", "size", "value"), "pseudo-label statistics")
     _theme()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
-    for ax, stat in zip(axes[0], ("precision", "recall")):
-        sub = df[df["stat"] == stat]
-        if sub.empty:  # precision needs pseudo-labels; early in training there may be none
-            ax.text(0.5, 0.5, f"no {stat} logged\n(no pseudo-label above the threshold yet)",
-                    ha="center", va="center", transform=ax.transAxes)
-        else:
-            sns.lineplot(data=sub, x="iteration", y="value", hue="size", style="method", errorbar="sd", ax=ax,
-                         hue_order=[s for s in ("all",) + SIZES if s in set(sub["size"])])
-        ax.set_xlabel("training iteration")
-        ax.set_ylabel(f"pseudo-label {stat}")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{stat} by box size")
-        if ax.get_legend() is not None:
-            ax.legend(title="box size / method", fontsize="small")
+    df = df.copy()
+    lo, hi = df["iteration"].min(), df["iteration"].max()
+    width = max((hi - lo) / bins, 1) if len(df) else 1
+    df["iteration"] = lo + (np.floor((df["iteration"] - lo) / width).clip(upper=bins - 1) + 0.5) * width
+    df = df.groupby(["method", "seed", "stat", "size", "iteration"], as_index=False, sort=False)["value"].mean()
+    sizes = [s for s in ("all",) + SIZES if s in set(df["size"])] or ["all"]
+    fig, axes = plt.subplots(2, len(sizes), figsize=(3.3 * len(sizes), 6.4), squeeze=False, sharex=True)
+    for row, stat in enumerate(("precision", "recall")):
+        for col, size in enumerate(sizes):
+            ax = axes[row][col]
+            sub = df[(df["stat"] == stat) & (df["size"] == size)]
+            if sub.empty:  # precision needs pseudo-labels; early in training there may be none
+                ax.text(0.5, 0.5, f"no {stat} logged", ha="center", va="center", transform=ax.transAxes)
+            else:
+                sns.lineplot(data=sub, x="iteration", y="value", hue="method", errorbar="sd", ax=ax,
+                             legend=(row, col) == (0, 0))
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{stat}, {size} boxes")
+            ax.set_xlabel("training iteration" if row == 1 else "")
+            ax.set_ylabel(f"pseudo-label {stat}" if col == 0 else "")
+    legend = axes[0][0].get_legend()
+    if legend is not None:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        legend.remove()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), title="pseudo-label set")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     return fig
 
 

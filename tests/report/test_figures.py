@@ -93,8 +93,18 @@ def test_pseudo_label_quality(tmp_path):
     assert set(map(tuple, df[["stat", "size", "value"]].drop_duplicates().values)) == {
         ("precision", "all", 0.5), ("recall", "small", 0.25)}
     fig = figures.plot_pseudo_label_quality(df.assign(method="UBteacher", seed=1))
-    assert [ax.get_ylabel() for ax in fig.axes] == ["pseudo-label precision", "pseudo-label recall"]
-    assert all(ax.get_legend() is not None for ax in fig.axes)
+    assert [ax.get_title() for ax in fig.axes] == ["precision, all boxes", "precision, small boxes",
+                                                   "recall, all boxes", "recall, small boxes"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["UBteacher"]
+
+
+def test_pseudo_label_quality_averages_steps_within_a_bin():
+    """Steps 0-9 fall in the first of two bins, 10-19 in the second: one point per bin, their mean."""
+    df = pd.DataFrame({"iteration": range(20), "stat": "precision", "size": "all", "method": "UBteacher", "seed": 1,
+                       "value": [0.0, 1.0] * 5 + [1.0] * 10})
+    fig = figures.plot_pseudo_label_quality(df, bins=2)
+    line = fig.axes[0].get_lines()[0]
+    assert np.allclose(line.get_xdata(), [4.75, 14.25]) and np.allclose(line.get_ydata(), [0.5, 1.0])
 
 
 def test_iou_vs_area_by_hand():
