@@ -144,7 +144,7 @@ def write_figure5(studies, preset: str, out: Path, command: str) -> tuple[Path, 
         std = g["AP"].std()
         table.add_row(curve, f"{thr:g}", f"{g['AP'].mean():.2f}" + (f" ± {std:.2f}" if std == std else ""), str(len(g)))
     console.print(table)
-    return save(fig, points, Path(out) / "figure5.png", command)
+    return save(fig, points, Path(out) / "figure5.png", command, header={"preset": preset})
 
 
 def write_table5(study, defn, preset: str, out: Path, command: str) -> list[Path]:
@@ -341,9 +341,9 @@ def _fig4(name, preset, overrides, seeds, ratio, train, home, out, command):
         if data["iteration"].nunique() < 2:
             console.print("[yellow]only the final evaluation is logged: add solver.eval_period=N for curves[/yellow]")
         fig = plot_training_curves(data, title=f"Recall and AP over training, {ratio:g}% labels, preset {preset} (Figure 4)")
-        return save(fig, data, Path(out) / "figure4.png", command)
+        return save(fig, data, Path(out) / "figure4.png", command, header={"preset": preset})
     fig = plot_pseudo_label_quality(data)
-    return save(fig, data, Path(out) / "pseudo_label_quality.png", command)
+    return save(fig, data, Path(out) / "pseudo_label_quality.png", command, header={"preset": preset})
 
 
 def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
@@ -372,7 +372,7 @@ def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
     thresh = cfg.semi.t if score_thresh is None else score_thresh
     df = iou_vs_area(dets, data.val, thresh, cfg.eval.area_scale)
     fig = plot_iou_vs_area(df, thresh)
-    return save(fig, df, Path(out) / "figure1.png", command)
+    return save(fig, df, Path(out) / "figure1.png", command, header={"preset": preset})
 
 
 # -- bench ui --------------------------------------------------------------------------------------

@@ -319,7 +319,14 @@ def save(fig: plt.Figure, data: pd.DataFrame, png: Path, command: str,
          header: dict | None = None) -> tuple[Path, Path]:
     """`png` and `<stem>_data.csv` beside it (not `<stem>.csv`: `bench report` owns that name for
     tables); the command that regenerates them is in both, `header` (git_sha, preset, timestamp ...)
-    in the CSV's comment lines after it, as a table's header (`bench report --all` reads them)."""
+    in the CSV's comment lines after it, as a table's header (`bench report --all` reads them); the
+    commit and the time are added where `header` lacks them."""
+    from datetime import datetime, timezone
+
+    from bench.tracking import git_sha
+
+    header = {"git_sha": git_sha(), "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              **(header or {})}
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     csv = png.with_name(png.stem + "_data.csv")
@@ -331,7 +338,7 @@ def save(fig: plt.Figure, data: pd.DataFrame, png: Path, command: str,
     finally:
         Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
-    lines = [f"# command: {command}"] + [f"# {k}: {' '.join(str(v).split())}" for k, v in (header or {}).items()]
+    lines = [f"# command: {command}"] + [f"# {k}: {' '.join(str(v).split())}" for k, v in header.items()]
     text = "\n".join(lines) + "\n" + data.to_csv(index=False, lineterminator="\n")
     fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{csv.name}.", suffix=".csv")
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:

@@ -79,4 +79,4 @@ def samples_figure(home: Path, preset: str, run: Optional[str], images: int, min
     data_frame = samples_frame(samples, alpha, t).assign(cell=rdir.name, model=model_name, alpha=alpha, t=t)
     out = Path(out)
     png = out if out.suffix.lower() == ".png" else out / f"samples_{cfg.preset}.png"
-    return save(fig, data_frame, png, command)
+    return save(fig, data_frame, png, command, header={"preset": cfg.preset})

@@ -42,13 +42,16 @@ def test_threshold_curves_mean_std_labels_and_paper_point():
 
 def test_save_writes_png_and_csv_with_the_command(tmp_path):
     fig = figures.plot_threshold_curves(_points())
-    png, csv = figures.save(fig, _points(), tmp_path / "out" / "figure5.png", "bench study figure5 --seeds 2")
+    png, csv = figures.save(fig, _points(), tmp_path / "out" / "figure5.png", "bench study figure5 --seeds 2",
+                            header={"preset": "demo"})
     assert png.name == "figure5.png" and csv.name == "figure5_data.csv"
     img = Image.open(png)
     assert img.info["Description"] == "bench study figure5 --seeds 2" and img.size[0] > 600
     lines = csv.read_text().splitlines()
-    assert lines[0] == "# command: bench study figure5 --seeds 2" and lines[1] == "curve,threshold,seed,AP"
-    assert len(lines) == 2 + 12
+    # the command, then the commit and time `bench report --all` shows, then the given header
+    assert lines[0] == "# command: bench study figure5 --seeds 2" and lines[1].startswith("# git_sha: ")
+    assert lines[2].startswith("# timestamp: 20") and lines[3] == "# preset: demo"
+    assert lines[4] == "curve,threshold,seed,AP" and len(lines) == 5 + 12
     assert not [p for p in png.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 
 

@@ -132,8 +132,8 @@ def test_samples_figure_of_an_untrained_teacher(tmp_path):
     assert png == tmp_path / "out" / "samples_forest.png" and csv.name == "samples_forest_data.csv"
     assert Image.open(png).info["Description"] == command
     lines = csv.read_text().splitlines()
-    assert lines[0] == f"# command: {command}"
-    df = pd.read_csv(io.StringIO("\n".join(lines[1:])))
+    assert lines[0] == f"# command: {command}" and "# preset: forest" in lines[1:4]
+    df = pd.read_csv(io.StringIO("\n".join(lines[1:])), comment="#")
     # two unlabeled tiles that have hidden ground truth, all of their boxes drawn
     from core.data.sources import prepare_data
 
