@@ -202,10 +202,12 @@ def data_split(
     import_ubteacher: Optional[Path] = typer.Option(None, help="Unbiased Teacher COCO_supervision.txt to import."),
     import_stac: Optional[Path] = typer.Option(None, help="STAC/mmdet instances_train2017.{fold}@{pct}.json to import."),
     out: Optional[Path] = typer.Option(None, help="Manifest path (default: BENCH_HOME/splits/...)."),
+    nested: bool = typer.Option(False, help="Nested draws: a fold's larger ratios keep its smaller ones' "
+                                            "labeled images (data.nested_splits)."),
     home: Optional[Path] = HOME_OPT,
 ):
     """Write a split manifest: labeled / unlabeled image ids and a sha256."""
-    make_split(dataset, ratio, fold, root, import_ubteacher, import_stac, out, home)
+    make_split(dataset, ratio, fold, root, import_ubteacher, import_stac, out, home, nested)
 
 
 @data_app.command("fetch")

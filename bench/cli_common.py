@@ -237,7 +237,7 @@ def evaluate_run(run: str, backend: str, home: Optional[Path]) -> None:
 
 
 def make_split(dataset: str, ratio: float, fold: int, root: Optional[Path], import_ubteacher: Optional[Path],
-               import_stac: Optional[Path], out: Optional[Path], home: Optional[Path]) -> None:
+               import_stac: Optional[Path], out: Optional[Path], home: Optional[Path], nested: bool = False) -> None:
     """`bench data split`: a split manifest (made or imported), saved to `out` if given, summarised."""
     from core.config import DataConfig
     from core.data import splits
@@ -245,7 +245,7 @@ def make_split(dataset: str, ratio: float, fold: int, root: Optional[Path], impo
 
     if dataset == "voc":
         raise BenchError("VOC's split is fixed (07 trainval labeled, 12 trainval unlabeled); nothing to generate")
-    cfg = DataConfig(dataset=dataset, ratio=ratio, fold=fold, root=str(root) if root else None)
+    cfg = DataConfig(dataset=dataset, ratio=ratio, fold=fold, root=str(root) if root else None, nested_splits=nested)
     data = prepare_data(cfg, resolve_home(home))
     manifest = data.manifest
     if import_ubteacher or import_stac:

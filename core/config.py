@@ -60,6 +60,8 @@ class DataConfig(_Strict):
     ratio: float = Field(10.0, gt=0, le=100)  # percent of the training images that keep labels
     fold: int = Field(1, ge=1)
     split_file: str | None = None  # a split manifest to use instead of generating one
+    # a fold's labeled images at a larger ratio include those of its smaller ratios (core/data/splits.py)
+    nested_splits: bool = False
     synth: SynthConfig = SynthConfig()
     aug: AugConfig = AugConfig()
     num_workers: int = Field(0, ge=0)
@@ -335,6 +337,8 @@ class RunConfig(_Strict):
             d.pop(section)
         if not self.mlc.enabled:
             d.pop("mlc")
+        if not d["data"]["nested_splits"]:  # added later: cells of independent draws keep their keys
+            d["data"].pop("nested_splits")
         if not self.lsm.enabled:  # added later and inert without LSM: other cells keep their keys
             d["lsm"].pop("ignore_uncertain")
             d["lsm"].pop("pim_cls_loss")

@@ -77,7 +77,8 @@ def _coco_split(root: Path, split: str) -> DetectionDataset:
 
 def manifest_name(data_name: str, cfg, data_hash: str) -> str:
     """The stored split manifest's file name under BENCH_HOME/splits (`*` parts make a glob)."""
-    return f"{data_name}-{cfg.setting}-{cfg.ratio:g}pct-fold{cfg.fold}-{data_hash}.json"
+    nested = "-nested" if cfg.nested_splits else ""
+    return f"{data_name}-{cfg.setting}-{cfg.ratio:g}pct-fold{cfg.fold}{nested}-{data_hash}.json"
 
 
 def _manifest(cfg, train: DetectionDataset, home: Path) -> splits.SplitManifest:
@@ -85,7 +86,7 @@ def _manifest(cfg, train: DetectionDataset, home: Path) -> splits.SplitManifest:
         manifest = splits.SplitManifest.load(Path(cfg.split_file))
         splits.check_manifest(manifest, train)
         return manifest
-    manifest = splits.make_split(train, cfg.ratio, cfg.fold, setting=cfg.setting)
+    manifest = splits.make_split(train, cfg.ratio, cfg.fold, setting=cfg.setting, nested=cfg.nested_splits)
     path = Path(home) / "splits" / manifest_name(train.name, cfg, manifest.data_hash[:8])
     if path.exists():
         stored = splits.SplitManifest.load(path)

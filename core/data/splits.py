@@ -125,12 +125,17 @@ def _count(ratio_percent: float, n: int) -> int:
 
 
 def make_split(dataset: DetectionDataset, ratio_percent: float, fold: int,
-               setting: str = "coco_standard") -> SplitManifest:
+               setting: str = "coco_standard", nested: bool = False) -> SplitManifest:
     """Draw ``ratio_percent`` % of the images as labeled, the rest unlabeled, deterministically.
 
     ``n = max(1, floor(ratio/100 * N))`` ids are drawn WITHOUT replacement from the id-sorted list
     with ``default_rng([fold, round(ratio*1000)])``. STAC/mmdet draw with replacement, so their "10 %"
     is really ~9.5 %; exact counts make ratios comparable across folds and data sets.
+
+    ``nested``: the first n of one permutation per fold (``default_rng([fold])``), so a fold's
+    larger ratio keeps every labeled image of its smaller ones. On a pool of a few dozen images,
+    independent draws make two ratios differ in *which* images they label as much as in how many;
+    nested draws leave the count as the only difference.
     """
     if not (0 < ratio_percent <= 100):
         raise BenchError(f"split ratio {ratio_percent} % is outside (0, 100]; pass e.g. 1, 5 or 10")
@@ -140,12 +145,15 @@ def make_split(dataset: DetectionDataset, ratio_percent: float, fold: int,
     if len(ids) == 0:
         raise BenchError(f"data set {dataset.name} has no images to split; check the annotation file")
     n = len(ids) if ratio_percent == 100 else max(1, _count(ratio_percent, len(ids)))
-    rng = np.random.default_rng([int(fold), int(round(ratio_percent * 1000))])
     chosen = np.zeros(len(ids), dtype=bool)
-    chosen[rng.choice(len(ids), size=n, replace=False)] = True
+    if nested:
+        chosen[np.random.default_rng([int(fold)]).permutation(len(ids))[:n]] = True
+    else:
+        rng = np.random.default_rng([int(fold), int(round(ratio_percent * 1000))])
+        chosen[rng.choice(len(ids), size=n, replace=False)] = True
     return SplitManifest(dataset=dataset.name, setting=setting, ratio=float(ratio_percent), fold=int(fold),
                          labeled_ids=ids[chosen].tolist(), unlabeled_ids=ids[~chosen].tolist(),
-                         data_hash=dataset_hash(dataset), source="lsm-bench")
+                         data_hash=dataset_hash(dataset), source="lsm-bench:nested" if nested else "lsm-bench")
 
 
 def check_manifest(manifest: SplitManifest, dataset: DetectionDataset,

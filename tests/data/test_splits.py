@@ -43,6 +43,21 @@ def test_make_split_deterministic_exact_counts():
         make_split(ds, 0, 1)
 
 
+def test_nested_splits_keep_the_smaller_ratios_images():
+    ds = toy()
+    small, large = make_split(ds, 15, 1, nested=True), make_split(ds, 30, 1, nested=True)
+    assert len(small.labeled_ids) == 15 and len(large.labeled_ids) == 30
+    assert set(small.labeled_ids) < set(large.labeled_ids)  # independent draws share ~4.5 of 15
+    assert make_split(ds, 15, 1, nested=True).sha256 == small.sha256 and small.source == "lsm-bench:nested"
+    assert set(make_split(ds, 15, 2, nested=True).labeled_ids) != set(small.labeled_ids)
+    assert make_split(ds, 15, 1).labeled_ids != small.labeled_ids  # the default draw is unchanged
+    # the config field leaves the keys of independent draws as they were, and a nested cell is apart
+    from core.config import load_config
+
+    plain, nested = load_config("demo"), load_config("demo", ["data.nested_splits=true"])
+    assert "nested_splits" not in plain.key_dict()["data"] and nested.key() != plain.key()
+
+
 def test_manifest_save_load_and_tamper(tmp_path):
     m = make_split(toy(), 5, 3)
     p = m.save(tmp_path / "splits" / "m.json")
