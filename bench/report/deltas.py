@@ -29,10 +29,23 @@ CSV_COLUMNS = ("baseline_id", "lsm_id", "baseline", "lsm", "column_id", "column"
                "mean", "ci_low", "ci_high", "paper_delta")
 # layout, in inches: the PNG is (width, height) x the save dpi, so a test can check its size
 PANEL_WIDTH, LABEL_WIDTH, ROW_HEIGHT, FRAME_HEIGHT = 3.3, 2.4, 0.42, 2.0
+LABEL_CHAR_WIDTH, LEGEND_ENTRY_WIDTH, LEGEND_ROW_HEIGHT = 0.085, 3.6, 0.25  # at the theme's font sizes
 
 
-def figure_size(n_pairs: int, n_metrics: int) -> tuple[float, float]:
-    return LABEL_WIDTH + PANEL_WIDTH * n_metrics, FRAME_HEIGHT + ROW_HEIGHT * max(n_pairs, 1)
+def label_width(label_chars: int) -> float:
+    """Room for the pair labels left of the panels: at least LABEL_WIDTH, more for long row names."""
+    return max(LABEL_WIDTH, LABEL_CHAR_WIDTH * label_chars + 0.3)
+
+
+def legend_columns(n_entries: int, n_metrics: int, label_chars: int = 0) -> int:
+    """The legend's entries side by side where the figure is wide enough, else one per line."""
+    width = label_width(label_chars) + PANEL_WIDTH * n_metrics
+    return n_entries if width >= LEGEND_ENTRY_WIDTH * n_entries else 1
+
+
+def figure_size(n_pairs: int, n_metrics: int, label_chars: int = 0, legend_rows: int = 1) -> tuple[float, float]:
+    return (label_width(label_chars) + PANEL_WIDTH * n_metrics,
+            FRAME_HEIGHT + LEGEND_ROW_HEIGHT * (legend_rows - 1) + ROW_HEIGHT * max(n_pairs, 1))
 
 
 def deltas_frame(spec: ArtifactSpec, results: pd.DataFrame | None,
@@ -60,12 +73,14 @@ def deltas_frame(spec: ArtifactSpec, results: pd.DataFrame | None,
     return out.reset_index(drop=True)
 
 
-def _pair_label(rows: pd.DataFrame) -> str:
-    """'UBteacher, 5% (n=2)': the baseline names the pair; n over the panels (a range if they differ)."""
+def _pair_label(rows: pd.DataFrame, name_lsm: bool = False) -> str:
+    """'UBteacher, 5% (n=2)': the baseline names the pair, or 'UBteacher + MLC vs UBteacher, 5% (n=2)'
+    where the baseline has several LSM rows (Tables 4 and 6); n over the panels (a range if they differ)."""
     first = rows.iloc[0]
     ns = sorted(set(int(n) for n in rows["n"]))
     n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
-    return f"{first['baseline']}, {first['column']} ({n})"
+    name = f"{first['lsm']} vs {first['baseline']}" if name_lsm else first["baseline"]
+    return f"{name}, {first['column']} ({n})"
 
 
 def plot_deltas(frame: pd.DataFrame, title: str = "LSM − baseline, paired by seed"):
@@ -81,14 +96,26 @@ def plot_deltas(frame: pd.DataFrame, title: str = "LSM − baseline, paired by s
     _theme()
     metrics = list(dict.fromkeys(frame["metric"]))
     pairs = list(dict.fromkeys(zip(frame["baseline_id"], frame["lsm_id"], frame["column_id"])))
-    width, height = figure_size(len(pairs), len(metrics))
+    shared = frame.groupby("baseline_id")["lsm_id"].nunique()
+    labels = [_pair_label(frame[(frame["baseline_id"] == b) & (frame["lsm_id"] == lsm) & (frame["column_id"] == c)],
+                          name_lsm=shared[b] > 1) for b, lsm, c in pairs]
+    chars = max(map(len, labels), default=0)
+    single = bool(((frame["n"] == 1)).any())
+    handles = [Line2D([], [], color=OURS_COLOR, marker="o", linewidth=2.2,
+                      label="ours: mean Δ over paired seeds, 95% CI (Student's t)")]
+    if single:
+        handles.append(Line2D([], [], color=OURS_COLOR, marker="o", markerfacecolor="white", linestyle="none",
+                              label="ours, one seed pair (no CI)"))
+    if frame["paper_delta"].notna().any():
+        handles.append(Line2D([], [], color=PAPER_COLOR, marker="D", markeredgecolor="black", linestyle="none",
+                              label="paper: its LSM − baseline (where published)"))
+    ncol = legend_columns(len(handles), len(metrics), chars)
+    legend_rows = -(-len(handles) // ncol)
+    width, height = figure_size(len(pairs), len(metrics), chars, legend_rows)
     fig, axes = plt.subplots(1, len(metrics), figsize=(width, height), sharey=True, squeeze=False)
-    fig.subplots_adjust(left=LABEL_WIDTH / width, right=1 - 0.25 / width, top=1 - 0.75 / height,
-                        bottom=1.25 / height, wspace=0.08)
+    fig.subplots_adjust(left=label_width(chars) / width, right=1 - 0.25 / width, top=1 - 0.75 / height,
+                        bottom=(1.25 + LEGEND_ROW_HEIGHT * (legend_rows - 1)) / height, wspace=0.08)
     y = {p: i for i, p in enumerate(pairs)}
-    labels = [_pair_label(frame[(frame["baseline_id"] == b) & (frame["lsm_id"] == lsm) & (frame["column_id"] == c)])
-              for b, lsm, c in pairs]
-    single = False
     for ax, metric in zip(axes[0], metrics):
         sub = frame[frame["metric"] == metric]
         ax.axvline(0.0, color="0.4", linewidth=1.0, linestyle="--", zorder=1)
@@ -103,7 +130,6 @@ def plot_deltas(frame: pd.DataFrame, title: str = "LSM − baseline, paired by s
             if r.n >= 1:
                 ax.plot([r.mean], [yy], "o", color=OURS_COLOR, markersize=7, zorder=3,
                         markerfacecolor=OURS_COLOR if r.n >= 2 else "white")
-                single |= r.n == 1
                 values.append(r.mean)
             if not math.isnan(r.paper_delta):
                 ax.plot([r.paper_delta], [yy + 0.22], "D", color=PAPER_COLOR, markersize=6, zorder=3,
@@ -117,15 +143,7 @@ def plot_deltas(frame: pd.DataFrame, title: str = "LSM − baseline, paired by s
         ax.grid(axis="y", visible=False)
     axes[0][0].set_yticks(range(len(pairs)), labels)
     axes[0][0].set_ylim(len(pairs) - 0.5, -0.6)  # spec order from the top
-    handles = [Line2D([], [], color=OURS_COLOR, marker="o", linewidth=2.2,
-                      label="ours: mean Δ over paired seeds, 95% CI (Student's t)")]
-    if single:
-        handles.append(Line2D([], [], color=OURS_COLOR, marker="o", markerfacecolor="white", linestyle="none",
-                              label="ours, one seed pair (no CI)"))
-    if frame["paper_delta"].notna().any():
-        handles.append(Line2D([], [], color=PAPER_COLOR, marker="D", markeredgecolor="black", linestyle="none",
-                              label="paper: its LSM − baseline (where published)"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=True, fontsize="small",
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=True, fontsize="small",
                bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(title)
     return fig

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from core.errors import BenchError
-from bench.report.deltas import CSV_COLUMNS, deltas_frame, figure_size, plot_deltas
+from bench.report.deltas import (CSV_COLUMNS, LABEL_WIDTH, deltas_frame, figure_size, label_width,
+                                 legend_columns, plot_deltas)
 from tests.report.fake_cells import mark_done, mini_by_size, plan
 
 T_975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2): three seed pairs
@@ -174,3 +175,24 @@ def test_no_pairs_is_a_bench_error(tmp_path):
     (tmp_path / "nopairs.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(BenchError, match="no baseline_pairs"):
         deltas_frame(load_spec_file(tmp_path / "nopairs.yaml"), None)
+
+
+def test_long_row_names_widen_the_figure_and_a_narrow_one_stacks_its_legend():
+    """Table 3's 'Deformable-DETR (pre-train + finetune), COCO-ImageNet (n=3)' must not be cut off."""
+    assert label_width(20) == LABEL_WIDTH and label_width(60) == pytest.approx(0.085 * 60 + 0.3)
+    assert figure_size(3, 1, 60)[0] == pytest.approx(label_width(60) + 3.3)
+    assert legend_columns(2, 4) == 2 and legend_columns(2, 1) == 1  # 15.6 in wide vs 5.7 in
+    assert figure_size(3, 1, 0, legend_rows=2)[1] == pytest.approx(figure_size(3, 1)[1] + 0.25)
+
+
+
+def test_a_baseline_with_several_lsm_rows_names_each_pair():
+    """Table 4 pairs UBteacher with + MLC and with PIM: two lines must not both read 'UBteacher, 5%'."""
+    rows = [("ubt", "mlc", "UBteacher", "UBteacher + MLC"), ("ubt", "pim", "UBteacher", "PIM"),
+            ("stac", "stac_pim", "STAC", "STAC + PIM")]
+    frame = pd.DataFrame([dict(baseline_id=b, lsm_id=lsm, baseline=bl, lsm=ll, column_id="c5", column="5%",
+                               metric="AP", n=2, seeds="1;2", deltas="1;2", mean=1.5, ci_low=-5.0, ci_high=8.0,
+                               paper_delta=float("nan")) for b, lsm, bl, ll in rows])
+    fig = plot_deltas(frame)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+        "UBteacher + MLC vs UBteacher, 5% (n=2)", "PIM vs UBteacher, 5% (n=2)", "STAC, 5% (n=2)"]
