@@ -66,3 +66,18 @@ def test_ui_hint_keeps_the_extras_brackets(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(study_cli, "console", __import__("rich.console").console.Console(width=300))
     study_cli.ui(port=1, dashboard_port=2, dashboard=True, storage=None, home=tmp_path)
     assert "pip install 'lsm-bench[dashboard]'" in capsys.readouterr().out
+
+
+def test_pl_quality_draws_lsm_alpha_set_beside_the_sets_above_t(tmp_path, tiny):
+    """UBT's set above t, UBT + LSM's above t and its set above alpha (the one PIM and SD train on)."""
+    import pandas as pd
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(_app(), ["figure", "pl-quality", "--train", "--seeds", "1", "--ratio", "10",
+                                    "--home", str(tmp_path), "--out", str(out), *tiny], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    data = pd.read_csv(out / "pseudo_label_quality_data.csv", comment="#")
+    assert set(data["method"]) == {"UBteacher, score > t", "UBteacher + LSM, score > t", "UBteacher + LSM, score > α"}
+    # recall is logged whatever the teacher finds: every log period (2) after the burn-in, iterations 4 and 6
+    steps = data[(data["stat"] == "recall") & (data["size"] == "all")].groupby("method")["iteration"].unique()
+    assert all(sorted(s) == [4, 6] for s in steps)
