@@ -137,7 +137,8 @@ def test_samples_figure_of_an_untrained_teacher(tmp_path):
     # two unlabeled tiles that have hidden ground truth, all of their boxes drawn
     from core.data.sources import prepare_data
 
-    data = prepare_data(DataConfig(dataset="forest", root=str(tmp_path / "forest"), ratio=50), home)
+    data = prepare_data(DataConfig(dataset="forest", root=str(tmp_path / "forest"), ratio=50, nested_splits=True),
+                        home)  # the forest preset's split
     unlabeled = {Path(r.file).name: r for r in data.unlabeled.records}
     drawn = sorted(set(df["file"]))
     assert len(drawn) == 2 and set(drawn) <= set(unlabeled)
