@@ -64,11 +64,36 @@ def start(home: Path, storage_url: str | None = None, port: int = 5000, dashboar
     return services
 
 
+def run_dashboard(storage, host: str, port: int) -> None:
+    """optuna-dashboard's WSGI app on wsgiref until SIGINT or SIGTERM. Not its `run_server`: wsgiref's
+    request handler catches everything, KeyboardInterrupt included, so a Ctrl-C that lands while a
+    request is being finished was swallowed and the server kept running. Here the signal only asks
+    the serving loop to stop, from another thread, and it stops within its poll interval."""
+    import signal
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from optuna_dashboard import wsgi
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+            pass
+
+    with make_server(host, port, wsgi(storage), handler_class=QuietHandler) as server:
+        def stop(signum, frame):
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.serve_forever(poll_interval=0.2)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def _serve_dashboard(argv: list[str] | None = None) -> None:
     """Child process: optuna-dashboard on the suite's storage (journal files need the Python API)."""
     import argparse
-
-    from optuna_dashboard import run_server
 
     from studies.storage import open_storage
 
@@ -77,7 +102,7 @@ def _serve_dashboard(argv: list[str] | None = None) -> None:
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args(argv)
-    run_server(open_storage(args.home, args.storage), host=HOST, port=args.port)
+    run_dashboard(open_storage(args.home, args.storage), HOST, args.port)
 
 
 def serve_optuna(home: Path, backend_store: Optional[str], host: str, public: str, port: int,
@@ -100,13 +125,8 @@ def serve_optuna(home: Path, backend_store: Optional[str], host: str, public: st
         return
     if not dashboard_available():
         raise BenchError("optuna-dashboard is not installed; pip install 'lsm-bench[dashboard]' or pass --no-dashboard")
-    from optuna_dashboard import run_server
-
     console.print(f"optuna-dashboard: http://{public}:{port}  (Ctrl-C stops it)", markup=False, highlight=False)
-    try:
-        run_server(storage, host=host, port=port)
-    except KeyboardInterrupt:
-        pass
+    run_dashboard(storage, host, port)
 
 
 if __name__ == "__main__":
