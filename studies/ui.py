@@ -76,7 +76,7 @@ def run_dashboard(storage, host: str, port: int) -> None:
     from optuna_dashboard import wsgi
 
     class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        def log_message(self, *args):  # no line per request on the terminal
             pass
 
     with make_server(host, port, wsgi(storage), handler_class=QuietHandler) as server:

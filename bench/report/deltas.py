@@ -100,7 +100,7 @@ def plot_deltas(frame: pd.DataFrame, title: str = "LSM − baseline, paired by s
     labels = [_pair_label(frame[(frame["baseline_id"] == b) & (frame["lsm_id"] == lsm) & (frame["column_id"] == c)],
                           name_lsm=shared[b] > 1) for b, lsm, c in pairs]
     chars = max(map(len, labels), default=0)
-    single = bool(((frame["n"] == 1)).any())
+    single = bool((frame["n"] == 1).any())
     handles = [Line2D([], [], color=OURS_COLOR, marker="o", linewidth=2.2,
                       label="ours: mean Δ over paired seeds, 95% CI (Student's t)")]
     if single:
