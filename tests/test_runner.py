@@ -200,3 +200,19 @@ def test_reference_timings_of_a_preset_estimate_a_fresh_store(monkeypatch):
     assert ref == {("demo", "supervised", False, "full"): 0.1, ("demo", "ubteacher", True, "full"): 0.5,
                    ("demo", "ubteacher", False, "burn_in"): 0.12}
     assert plan.reference_seconds_per_iteration("coco") == {}
+
+
+def test_cpu_slots_take_the_users_thread_count_where_it_is_set(monkeypatch):
+    """Two runs side by side must be able to share the cores: OMP_NUM_THREADS overrides cores / slots."""
+    import os
+
+    from core.errors import BenchError
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    ex = LocalExecutor(["cpu"], slots_per_device=1, track=False, prestart=False)
+    assert ex._env(0) == ({"OMP_NUM_THREADS": str(os.cpu_count() or 1)}, os.cpu_count() or 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert ex._env(0) == ({"OMP_NUM_THREADS": "1"}, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    with pytest.raises(BenchError, match="OMP_NUM_THREADS='two' is not a positive integer"):
+        LocalExecutor(["cpu"], track=False, prestart=False)

@@ -2,7 +2,8 @@
 
 Each slot owns a device: on GPUs the worker sees only its card through CUDA_VISIBLE_DEVICES (a
 user's own CUDA_VISIBLE_DEVICES list is honoured: slots index into it); on CPU the cores are shared
-and each worker gets cores / slots threads.
+and each worker gets cores / slots threads, or the user's OMP_NUM_THREADS where it is set (two
+runs side by side on one machine would otherwise each assume they own every core).
 
 Workers are forked from a multiprocessing fork server that has imported torch, torchvision,
 mlflow and the worker code once: a fresh interpreter would spend seconds importing them for
@@ -39,6 +40,17 @@ def _context():
         # mlflow's SQL store is imported lazily by each run's first call: 1.7 s a cell, once here
         _CONTEXT.set_forkserver_preload(["bench.worker", "mlflow", "mlflow.store.tracking.sqlalchemy_store"])
     return _CONTEXT
+
+
+def user_threads() -> int | None:
+    """The user's OMP_NUM_THREADS as a positive count; None where unset (a bad value is an error)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise BenchError(f"OMP_NUM_THREADS={value!r} is not a positive integer; set it to the threads per worker "
+                         "(e.g. 1) or unset it")
+    return int(value)
 
 
 def _worker(argv: list[str], log: str, env: dict[str, str | None], threads: int | None) -> None:
@@ -99,6 +111,7 @@ class LocalExecutor:
 
     def __post_init__(self):
         self._groups = self._device_groups()
+        user_threads()  # a bad OMP_NUM_THREADS fails here, before any cell starts
         if self.prestart:  # its imports then overlap with planning instead of delaying the first cell
             _context()
             multiprocessing.forkserver.ensure_running()
@@ -151,7 +164,7 @@ class LocalExecutor:
             if visible:  # slots index into the user's own list
                 index = visible.split(",")[int(index)]
             return {"CUDA_VISIBLE_DEVICES": index}, None
-        threads = max(1, (os.cpu_count() or 1) // self.slots)
+        threads = user_threads() or max(1, (os.cpu_count() or 1) // self.slots)
         return {"OMP_NUM_THREADS": str(threads)}, threads
 
     def submit(self, cell, home: Path, parent_run_id: str | None, attempts: int = 1) -> Job:
