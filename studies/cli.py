@@ -156,9 +156,10 @@ def write_table5(study, defn, preset: str, out: Path, command: str) -> list[Path
     from studies.results import table5_results
 
     spec = load_spec("table5")
-    if defn.ratio is not None:  # the column says what the cells trained on, not the paper's 1%
+    if defn.ratio is not None:  # the column and title say what the cells trained on, not the paper's 1%
         column = spec.columns[0].model_copy(update={"label": f"{defn.ratio:g}%"})
-        spec = spec.model_copy(update={"columns": [column]})
+        title = spec.title.replace("on 1% COCO-standard", f"at {defn.ratio:g}% labels (the paper: 1% COCO-standard)")
+        spec = spec.model_copy(update={"columns": [column], "title": title})
     results, failed = table5_results(study, defn, list(spec.metrics))
     header = {"command": command, "git_sha": tracking.git_sha(), "preset": preset, "study": defn.name,
               "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -1,5 +1,6 @@
 """Studies on tiny cells: grid resumption after a kill, journal sharing, pruning, MLflow runs, tables."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -282,6 +283,9 @@ def test_table5_study_writes_table5(tmp_path, tiny):
     md = paths[0].read_text()
     assert "bench study table5 (test)" in md and "PIM P3d P4d" in md and "paper 23.24" in md
     assert md.count("(1)") >= 2 * 4  # AP, APs, APm, APl of both rows, one seed each
+    # a study at another ratio than the paper's 1% says so in its title, not only in its column
+    md5 = write_table5(study, dataclasses.replace(defn, ratio=5.0), "demo", tmp_path / "r5", "t")[0].read_text()
+    assert "at 5% labels (the paper: 1% COCO-standard)" in md5 and "| 5% |" in md5
 
 
 def test_trial_killed_before_its_first_line_is_recovered_once_its_workers_are_gone(tmp_path, tiny):
