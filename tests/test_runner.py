@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from bench.executors.local import LocalExecutor
 from bench.plan import build_plan
 from bench.runner import collect, report, run_cells
 from bench.specs import load_spec_file
+from core.errors import BenchError
 
 MINI = Path(__file__).parent / "report" / "mini.yaml"
 RATIOS = [1.0, 5.0]  # named, so that the tiny data's 1-image splits are planned
@@ -124,8 +126,6 @@ def test_concurrent_workers_lose_nothing_in_mlflow(tmp_path, tiny, monkeypatch, 
                             parent_run_id=parent)
         tracker.end("FINISHED")
     if server is not None:  # stopped, and the environment restored
-        import os
-
         assert "MLFLOW_TRACKING_URI" not in os.environ
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", server.port)) != 0
@@ -156,7 +156,6 @@ if __name__ == "__main__":  # worker processes import the main module (multiproc
 
 
 def test_sigkilled_orchestrator_rerun_recomputes_nothing_and_matches(tmp_path, tiny):
-    import os
     import signal
     import subprocess
     import sys
@@ -204,10 +203,6 @@ def test_reference_timings_of_a_preset_estimate_a_fresh_store(monkeypatch):
 
 def test_cpu_slots_take_the_users_thread_count_where_it_is_set(monkeypatch):
     """Two runs side by side must be able to share the cores: OMP_NUM_THREADS overrides cores / slots."""
-    import os
-
-    from core.errors import BenchError
-
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     ex = LocalExecutor(["cpu"], slots_per_device=1, track=False, prestart=False)
     assert ex._env(0) == ({"OMP_NUM_THREADS": str(os.cpu_count() or 1)}, os.cpu_count() or 1)
