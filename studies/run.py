@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from bench.executors.local import threads_per_worker
 from core.errors import BenchError
 from studies.definitions import StudyDef
 from studies.mlflow_callback import RUN_ATTR, MLflowStudyCallback
@@ -202,8 +203,7 @@ def _run_processes(defn: StudyDef, home: Path, storage_url: str | None, workers:
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    if "OMP_NUM_THREADS" not in os.environ:  # N workers share the cores instead of each taking all
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    env["OMP_NUM_THREADS"] = str(threads_per_worker(workers))  # N workers share the cores (a bad value fails here)
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "studies.worker", "--study", defn.name, "--home", str(home), "--index", str(i)]

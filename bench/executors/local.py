@@ -53,6 +53,12 @@ def user_threads() -> int | None:
     return int(value)
 
 
+def threads_per_worker(workers: int) -> int:
+    """Threads each of `workers` processes on this machine takes: the user's OMP_NUM_THREADS where set,
+    else the cores shared out (N workers each taking every core run ~3x slower on 2 cores)."""
+    return user_threads() or max(1, (os.cpu_count() or 1) // workers)
+
+
 def _worker(argv: list[str], log: str, env: dict[str, str | None], threads: int | None) -> None:
     """Body of a worker process: its own session and log, the slot's device, then `bench.worker`.
     `env`: variables to set, or to unset where None."""
@@ -164,7 +170,7 @@ class LocalExecutor:
             if visible:  # slots index into the user's own list
                 index = visible.split(",")[int(index)]
             return {"CUDA_VISIBLE_DEVICES": index}, None
-        threads = user_threads() or max(1, (os.cpu_count() or 1) // self.slots)
+        threads = threads_per_worker(self.slots)
         return {"OMP_NUM_THREADS": str(threads)}, threads
 
     def submit(self, cell, home: Path, parent_run_id: str | None, attempts: int = 1) -> Job:

@@ -184,6 +184,16 @@ def test_study_with_two_worker_processes_covers_the_grid_once(tmp_path, tiny):
     assert sorted(set(keys)) == sorted(p.parent.name for p in results)
 
 
+def test_study_workers_refuse_a_bad_thread_count_before_starting(tmp_path, tiny, monkeypatch):
+    """`--workers N` reads OMP_NUM_THREADS as `bench run` does: a bad value stops the study, no worker runs."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    defn = _curve(tiny, grid=(0.5,), seeds=1)
+    with pytest.raises(BenchError, match="OMP_NUM_THREADS='two' is not a positive integer"):
+        run_study(defn, tmp_path, workers=2, track=False, log=lambda *_: None)
+    assert not list((tmp_path / "optuna" / "logs").glob("*.log"))
+    assert not _results(tmp_path)
+
+
 def test_mlflow_study_trial_and_cell_runs(tmp_path, tiny, monkeypatch):
     """Acceptance 4: study run -> trial runs (params, state, value, cell key) -> cell runs; one best."""
     import mlflow
