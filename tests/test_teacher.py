@@ -169,11 +169,9 @@ def test_start_cell_is_the_plans_depends_on(tmp_path, tiny):
 def test_bench_train_of_a_stac_cell_equals_the_runners(tmp_path, tiny, monkeypatch):
     """`bench train --method stac` trains the teacher first, then the cell from it: the same two
     cells, with the same results, as `bench run` through the plan and the worker processes."""
-    import os
-
     import torch
 
-    from bench.executors.local import LocalExecutor
+    from bench.executors.local import LocalExecutor, threads_per_worker
     from bench.runner import run_cells, train_cell
 
     overrides = tiny + ["solver.max_iter=3", "stac.tau=0.05"]
@@ -183,8 +181,8 @@ def test_bench_train_of_a_stac_cell_equals_the_runners(tmp_path, tiny, monkeypat
     assert len(outcome["done"]) == 2
     teacher, stac = cells
 
-    threads = torch.get_num_threads()  # the worker's own (cores / slots): the same floating-point sums
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads = torch.get_num_threads()  # the worker's own (one slot's): the same floating-point sums
+    torch.set_num_threads(threads_per_worker(1))
     try:
         result = train_cell("stac", "demo", overrides + ["data.ratio=25", "data.fold=1", "lsm.enabled=false"],
                             seed=1, track=False, home=tmp_path / "train")
