@@ -131,6 +131,11 @@ class MeanTeacherAdapter(Adapter):
     def unlabeled_start(self) -> int:
         return self.cfg.semi.burn_in
 
+    def burn_in_teacher(self) -> tuple[str, torch.nn.Module]:
+        """The model a burn-in hands over as the first teacher, with its name: the student, which the
+        teacher copies at `semi.burn_in`."""
+        return "student", self.student
+
     def supervised_terms(self, batch: dict):
         """The student's losses on the labeled weak views (keys `<loss>_sup`), its forward and the
         targets: the first part of every step, and all of a burn-in step (Soft Teacher, PseCo)."""

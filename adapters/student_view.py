@@ -149,7 +149,11 @@ class StudentViewAdapter(MeanTeacherAdapter):
     def hooks(self) -> list:
         own = getattr(self.cfg, self.section)
         return [SoftTeacherEMAHook(self.teacher, self.student, self.cfg.semi.burn_in, self.cfg.semi.ema_keep_rate,
-                                   own.ema_warm_up, on_copy=self.on_teacher_copy())]
+                                   own.ema_warm_up, on_copy=self.on_teacher_copy(), from_start=own.ema_from_start)]
+
+    def burn_in_teacher(self) -> tuple[str, torch.nn.Module]:
+        own = getattr(self.cfg, self.section)
+        return ("teacher", self.teacher) if own.ema_from_start else super().burn_in_teacher()
 
     def student_views(self, items: list[dict], iteration: int) -> list[View]:
         """Independent student views; a pure function of (seed, iteration, position), so resumable."""

@@ -5,7 +5,9 @@ A mean-teacher method's first `semi.burn_in` iterations are supervised training 
 semi-supervised settings (t, lambda_u, EMA rate, LSM) touch, so UBT, UBT+LSM and every threshold of
 a sweep repeat the same computation there. The burn-in cell's config is the cell's config with
 those settings reset and `stage: burn_in`; it trains to `semi.burn_in` and saves the weights and
-the optimizer state by parameter name (LSM's extra classifier is absent from it). A cell that finds
+the optimizer state by parameter name (LSM's extra classifier is absent from it), and the teacher:
+where it averages the student from iteration 0 (`ema_from_start`), the EMA rate is kept in the
+burn-in's config too. A cell that finds
 its burn-in done starts at iteration `burn_in` from it; the result is the one it would reach
 training alone (tests/test_burn_in.py), because F_aux is initialised outside the global RNG stream
 and the batch of an iteration depends on (seed, iteration) only.
@@ -30,11 +32,15 @@ def burn_in_config(cfg: RunConfig) -> RunConfig | None:
     dump = cfg.model_dump()
     dump["solver"]["eval_period"] = 0  # evaluating changes no weights: burn-ins are shared across it too
     sections = {s: {} for s in method_sections()}  # method settings back to their defaults...
+    semi = {"burn_in": cfg.semi.burn_in}
     if (own := method_spec(cfg.method)).section:  # ...but those that shape supervised training
         sections[own.section] = {k: dump[own.section][k] for k in own.burn_in_keeps}
+        if dump[own.section].get("ema_from_start"):  # and the teacher, averaged through the burn-in
+            sections[own.section].update(ema_from_start=True, ema_warm_up=dump[own.section]["ema_warm_up"])
+            semi["ema_keep_rate"] = cfg.semi.ema_keep_rate
     return RunConfig.model_validate({
         **dump, "stage": "burn_in", "lsm": LSMConfig().model_dump(), "mlc": MLCConfig().model_dump(),
-        "semi": SemiConfig(burn_in=cfg.semi.burn_in).model_dump(),
+        "semi": SemiConfig(**semi).model_dump(),
         # the data's size bins stay (the burn-in's own evaluation uses them); the rest trains nothing
         "eval": EvalConfig(area_scale=cfg.eval.area_scale).model_dump(),
         **sections,
@@ -47,8 +53,10 @@ def save(path: Path, trainer, iteration: int) -> None:
     from adapters.engine.checkpoint import named_training_state, rng_state
 
     state = named_training_state(trainer.adapter.student, trainer.optimizer, trainer.scheduler, trainer.scaler)
+    teacher = getattr(trainer.adapter, "teacher", None)  # an EMA from iteration 0 is part of the burn-in
     tmp = path.with_suffix(".tmp")
-    torch.save({"iteration": iteration, "rng": rng_state(), **state}, tmp)
+    torch.save({"iteration": iteration, "rng": rng_state(), **state,
+                **({"teacher": teacher.state_dict()} if teacher is not None else {})}, tmp)
     tmp.replace(path)
 
 
@@ -61,5 +69,9 @@ def load(path: Path, trainer) -> int:
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
     load_named_training_state(state, trainer.adapter.student, trainer.optimizer, trainer.scheduler, trainer.scaler,
                               new_prefixes=NEW_PARAMETER_PREFIXES)
+    if "teacher" in state and getattr(trainer.adapter, "teacher", None) is not None:
+        missing, unexpected = trainer.adapter.teacher.load_state_dict(state["teacher"], strict=False)
+        if unexpected or any(not k.startswith(NEW_PARAMETER_PREFIXES) for k in missing):
+            raise KeyError(f"burn-in teacher does not match the cell's: missing {missing}, unexpected {unexpected}")
     set_rng_state(state["rng"])
     return state["iteration"] + 1

@@ -274,9 +274,10 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
     t0 = time.perf_counter()
     try:
         trainer.train()
-        # a burn-in cell evaluates the student it hands over as every dependent cell's first teacher
+        # a burn-in cell evaluates the model it hands over as every dependent cell's first teacher
         burn = cfg.stage == "burn_in"
-        results = evaluate_models(adapter, data, cfg, device, {"student": adapter.student} if burn else None,
+        handed_over = adapter.burn_in_teacher() if burn else None
+        results = evaluate_models(adapter, data, cfg, device, dict([handed_over]) if burn else None,
                                   BURN_IN_THRESHOLDS if burn else None) if main else {}
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StopTraining)) else "FAILED"
@@ -304,7 +305,7 @@ def _train_cell(cfg: RunConfig, home: Path, data: SemiData, key: str, rdir: Path
         burn_in.save(rdir / burn_in.CHECKPOINT, trainer, end_iter - 1)
         log_eval(end_iter, results)
         # not "metrics": a burn-in is no row of a table; this is the teacher its cells start from
-        result["burn_in_teacher"] = {k: v for k, v in results.get("student", {}).items() if k != "summary"}
+        result["burn_in_teacher"] = {k: v for k, v in results.get(handed_over[0], {}).items() if k != "summary"}
     else:
         log_eval(end_iter, results)
         torch.save({name: m.state_dict() for name, m in adapter.eval_models().items()}, rdir / "model_final.pth")

@@ -8,6 +8,9 @@ schedule: it reads only the baseline's supervised burn-in, never an LSM run. The
 BENCH_HOME like any other, so a schedule a table already trained costs nothing.
 
     python benchmarks/burn_in_teacher.py ubteacher --ratio 5 --seed 1 semi.burn_in=1000 solver.max_iter=1400
+
+With `pseco.ema_from_start=true` (or `softteacher.`) it diagnoses the originals' teacher, an EMA of
+the student kept from iteration 0, instead of the student copied at the end of burn-in.
 """
 
 from __future__ import annotations

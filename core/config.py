@@ -171,6 +171,9 @@ class SoftTeacherConfig(_Strict):
     jitter_times: int = Field(10, ge=2)  # std needs two samples
     jitter_scale: float = Field(0.06, ge=0)
     ema_warm_up: int = Field(0, ge=0)  # MeanTeacher hook's warm_up
+    # the teacher is an EMA of the student from iteration 0, as the original's hook (its burn-in only
+    # holds the unlabeled losses at zero); false: a copy of the student at `semi.burn_in`, then the EMA
+    ema_from_start: bool = True
     # student view: one geometric op drawn uniformly from these ranges (rand_aug.py)
     geometric: bool = True  # False: the student view has resize + flip only
     translate: float = Field(0.1, ge=0, lt=1)  # fraction of the image side
@@ -199,6 +202,9 @@ class PsecoConfig(_Strict):
     msl: bool = True  # use_MSL: the feature-level view 2 (shifted pyramid)
     unsup_warmup: int = Field(2000, ge=0)  # unsup_warmup_iter: linear ramp 0 -> 1 after burn-in
     ema_warm_up: int = Field(0, ge=0)  # MeanTeacher hook's warm_up
+    # the teacher is an EMA of the student from iteration 0, as the original's hook (its burn-in only
+    # holds the unlabeled losses at zero); false: a copy of the student at `semi.burn_in`, then the EMA
+    ema_from_start: bool = True
     # RoI classifier of the main config: sigmoid focal loss; false = `model.cls_loss` (the CE config)
     sigmoid_focal: bool = True
     focal_gamma: float = Field(2.0, ge=0)
@@ -342,6 +348,8 @@ class RunConfig(_Strict):
         if not self.lsm.enabled:  # added later and inert without LSM: other cells keep their keys
             d["lsm"].pop("ignore_uncertain")
             d["lsm"].pop("pim_cls_loss")
+        if own in d and not d[own].get("ema_from_start", True):  # added later: copy-at-burn-in cells keep their keys
+            d[own].pop("ema_from_start")
         if self.lsm.naive_large_area:  # naive_min_area was once compared in view pixels: new keys
             d["lsm"]["naive_area_pixels"] = "original"
         return d

@@ -35,6 +35,22 @@ def test_semi_settings_share_a_burn_in_and_training_settings_do_not(tiny):
     assert burn_in_config(_cfg(tiny, "semi.burn_in=0")) is None
 
 
+@pytest.mark.parametrize("method", ["softteacher", "pseco"])
+def test_a_teacher_averaged_from_the_start_keeps_its_ema_settings_in_the_burn_in(tiny, method):
+    """With `ema_from_start` the burn-in trains the teacher too: its EMA rate and warm-up are part of the
+    burn-in; without it they are not, and the cells keep the keys they had before the setting existed."""
+    copy_at_burn_in = _cfg(tiny, method=method)
+    assert "ema_from_start" not in copy_at_burn_in.key_dict()[method]
+    assert _cfg(tiny, f"{method}.ema_from_start=false", method=method).key() == copy_at_burn_in.key()
+    assert burn_in_config(_cfg(tiny, "semi.ema_keep_rate=0.5", method=method)) == burn_in_config(copy_at_burn_in)
+    averaged = burn_in_config(_cfg(tiny, f"{method}.ema_from_start=true", method=method))
+    assert averaged != burn_in_config(copy_at_burn_in)
+    for variant in (["semi.ema_keep_rate=0.5"], [f"{method}.ema_warm_up=100"]):
+        assert burn_in_config(_cfg(tiny, f"{method}.ema_from_start=true", *variant, method=method)) != averaged
+    assert burn_in_config(_cfg(tiny, f"{method}.ema_from_start=true", "semi.t=0.6", "lsm.enabled=true",
+                               method=method)) == averaged  # still shared by the semi-supervised settings
+
+
 def test_aux_classifier_leaves_the_global_rng_alone(tiny):
     cfg = _cfg(tiny)
     model = get_adapter("supervised")(cfg, 10, torch.device("cpu")).student

@@ -46,16 +46,24 @@ def ema_momentum(step: int, keep_rate: float, warm_up: int = 0) -> float:
 
 
 class SoftTeacherEMAHook(MeanTeacherHook):
-    """Soft Teacher's and PseCo's teacher: a full copy of the student before iteration `start` (the
-    original clones at iteration 0), then EMA of the parameters only (not the buffers) with the
-    warm-up momentum `ema_momentum`."""
+    """Soft Teacher's and PseCo's teacher: EMA of the parameters only (not the buffers) with the
+    warm-up momentum `ema_momentum`, counted from iteration 0 where `from_start` (the originals: their
+    momentum 0 at iteration 0 is the clone), else from a full copy of the student before iteration
+    `start`. `on_copy` is called before iteration `start` either way."""
 
-    def __init__(self, teacher, student, start: int, keep_rate: float, warm_up: int = 0, on_copy=None):
+    def __init__(self, teacher, student, start: int, keep_rate: float, warm_up: int = 0, on_copy=None,
+                 from_start: bool = False):
         super().__init__(teacher, student, start, keep_rate, include_buffers=False, on_copy=on_copy)
         self.warm_up = warm_up
+        self.from_start = from_start
 
     def before_step(self) -> None:
         it = self.trainer.iter
+        if self.from_start:
+            if it == self.burn_in and self.on_copy is not None:
+                self.on_copy()
+            ema_update(self.teacher, self.student, ema_momentum(it, self.keep_rate, self.warm_up), include_buffers=False)
+            return
         if it <= self.burn_in:
             super().before_step()  # the copy at `start` (buffers included: they are equal in the original)
             return

@@ -180,6 +180,35 @@ def test_ema_warms_up_and_averages_parameters_only():
             assert torch.equal(v, copied[k]), k  # buffers are not averaged
 
 
+def test_ema_from_start_averages_through_the_burn_in_without_a_copy():
+    """The originals' teacher: momentum 0 at iteration 0 (the clone), then the warm-up EMA counted from
+    0; at `start` only `on_copy` runs (LSM's F_aux), the teacher is not replaced by the student."""
+    torch.manual_seed(0)
+    student = build_faster_rcnn(tiny_cfg(), 2)
+    teacher = build_faster_rcnn(tiny_cfg(), 2)
+    initial_buffers = {k: v.clone() for k, v in teacher.named_buffers()}
+    copies = []
+    hook = SoftTeacherEMAHook(teacher, student, start=2, keep_rate=0.999, on_copy=lambda: copies.append(1),
+                              from_start=True)
+    hook.trainer = SimpleNamespace(iter=0)
+    hook.before_step()  # iteration 0: a copy of the parameters
+    for (k, a), b in zip(teacher.named_parameters(), student.parameters()):
+        assert torch.equal(a, b), k
+    before = {k: v.clone() for k, v in teacher.named_parameters()}
+    for it in (1, 2):  # momentum 1/2, then 2/3 (iteration 2 is `start`)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(1.0)
+        hook.trainer.iter = it
+        hook.before_step()
+    assert copies == [1]
+    # teacher = 2/3 (1/2 t0 + 1/2 (t0 + 1)) + 1/3 (t0 + 2) = t0 + 1, where the student is at t0 + 2
+    for k, v in teacher.named_parameters():
+        assert torch.allclose(v, before[k] + 1.0, atol=1e-6), k
+    for k, v in teacher.named_buffers():
+        assert torch.equal(v, initial_buffers[k]), k  # never averaged, never copied
+
+
 # ----------------------------------------------------------------------------- the adapter
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
@@ -318,11 +347,15 @@ def test_resumed_run_equals_uninterrupted_run_with_lsm(tmp_path, monkeypatch):
             "eval.teacher.AP", "eval.student.AP"} <= logged
 
 
-def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_path, monkeypatch):
-    """Soft Teacher + LSM from the burn-in cell (trained without LSM) = trained alone."""
+@pytest.mark.parametrize("from_start", [False, True])
+def test_cell_started_from_the_shared_burn_in_equals_the_cell_trained_alone(tmp_path, monkeypatch, from_start):
+    """Soft Teacher + LSM from the burn-in cell (trained without LSM) = trained alone; with the teacher
+    averaged from iteration 0, the burn-in hands over (and is diagnosed on) that teacher."""
     cfg = _e2e_config(monkeypatch)
+    cfg = cfg.model_copy(update={"softteacher": cfg.softteacher.model_copy(update={"ema_from_start": from_start})})
     alone = run_cell(cfg, tmp_path / "a", track=False, progress=False)
     burn = run_cell(burn_in_config(cfg), tmp_path / "b", track=False, progress=False)
+    assert "AP" in burn["burn_in_teacher"]
     shared = run_cell(cfg, tmp_path / "b", start_from=run_dir(tmp_path / "b", burn["key"]), track=False,
                       progress=False)
     assert shared["burn_in_from"] == burn["key"] and alone["burn_in_from"] is None
