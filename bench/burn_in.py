@@ -35,9 +35,11 @@ def burn_in_config(cfg: RunConfig) -> RunConfig | None:
     semi = {"burn_in": cfg.semi.burn_in}
     if (own := method_spec(cfg.method)).section:  # ...but those that shape supervised training
         sections[own.section] = {k: dump[own.section][k] for k in own.burn_in_keeps}
-        if dump[own.section].get("ema_from_start"):  # and the teacher, averaged through the burn-in
-            sections[own.section].update(ema_from_start=True, ema_warm_up=dump[own.section]["ema_warm_up"])
-            semi["ema_keep_rate"] = cfg.semi.ema_keep_rate
+        if "ema_from_start" in dump[own.section]:  # whether the burn-in trains the teacher too...
+            sections[own.section]["ema_from_start"] = dump[own.section]["ema_from_start"]
+            if dump[own.section]["ema_from_start"]:  # ...and then how it averages
+                sections[own.section]["ema_warm_up"] = dump[own.section]["ema_warm_up"]
+                semi["ema_keep_rate"] = cfg.semi.ema_keep_rate
     return RunConfig.model_validate({
         **dump, "stage": "burn_in", "lsm": LSMConfig().model_dump(), "mlc": MLCConfig().model_dump(),
         "semi": SemiConfig(**semi).model_dump(),
