@@ -106,9 +106,10 @@ def recover(study: optuna.Study, defn: StudyDef, mlflow_cb: MLflowStudyCallback)
         if t.state != TrialState.FAIL or t.number in retried:
             continue
         if defn.is_grid:  # a grid point that only failed is run again (as `bench run` retries cells)
-            if t.system_attrs.get("grid_id") in covered:
-                continue
-            covered.add(t.system_attrs.get("grid_id"))
+            grid_id = t.system_attrs.get("grid_id")
+            if grid_id is None or grid_id in covered:
+                continue  # None: killed before the sampler gave it a point; the sampler still has that point
+            covered.add(grid_id)
         elif not (t.user_attrs.get("interrupted") or "fail_reason" not in t.user_attrs):
             continue  # tune: a trial that failed by itself counts; one that was killed is retried
         _requeue(study, t)

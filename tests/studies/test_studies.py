@@ -113,8 +113,10 @@ def test_killed_study_rerun_finishes_only_the_remaining_trials(tmp_path, tiny):
     assert len(_results(home)) == 2 and len(_results(home, "burn_in")) == 1  # one seed: one burn-in
     # a trial that was running when the process died is failed and retried, not left RUNNING
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    # (one killed before the grid sampler gave it a point has nothing to retry: a fresh trial takes that point)
     for t in study.get_trials(states=(TrialState.FAIL,)):
-        assert any(t.number in u.system_attrs.get("retry_history", []) for u in complete)
+        retried = any(t.number in u.system_attrs.get("retry_history", []) for u in complete)
+        assert retried == ("grid_id" in t.system_attrs)
     # a third run has nothing to do
     again = run_study(defn, home, track=False, log=lambda *_: None)
     assert len(again.get_trials()) == len(study.get_trials())
@@ -134,9 +136,14 @@ def test_recover_fails_a_dead_workers_trial_and_queues_its_grid_point(tmp_path, 
     study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, token)
     live = study.ask()
     study._storage.set_trial_system_attr(live._trial_id, WORKER_ATTR, process_token())  # this process: alive
+    # killed between its creation and the sampler's before_trial: half its grid attributes, no point
+    unplaced = study._storage.create_new_trial(study._study_id)
+    study._storage.set_trial_system_attr(unplaced, "search_space", defn.search_space())
+    study._storage.set_trial_system_attr(unplaced, WORKER_ATTR, token)
     notes = recover(study, defn, MLflowStudyCallback(tmp_path, enabled=False))
     states = {t.number: t.state for t in study.get_trials()}
     assert states[trial.number] == TrialState.FAIL and states[live.number] == TrialState.RUNNING
+    assert study._storage.get_trial(unplaced).state == TrialState.FAIL  # failed, and not queued again
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].params == {"t": trial.params["t"], "seed": 1}
     assert waiting[0].system_attrs["grid_id"] == study.get_trials()[trial.number].system_attrs["grid_id"]
