@@ -12,7 +12,10 @@ random state. A step is the method's losses, backward, an SGD step and the teach
 The workers step alternately (old first in odd pairs, new first in even ones), so a slow spell
 of a shared machine hits both alike; the result is the median of the per-pair ratios new / old.
 The first step's loss terms of the two trees are compared as a check that both compute the same
-thing (they agree to float rounding where the new code only reorganises the arithmetic).
+thing (they agree to float rounding where the new code only reorganises the arithmetic). The old
+tree drops settings it does not know: where the preset uses one it lacks, give this tree the old
+behaviour, or the two steps do different work (against 4a1edde, the demo's focal RoI loss and
+aligned RoIAlign: `model.cls_loss=ce model.pooler_aligned=false`).
 """
 
 from __future__ import annotations
