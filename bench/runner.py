@@ -36,13 +36,15 @@ err_console = Console(stderr=True)
 
 
 def _iterations_done(cell: Cell, home: Path) -> int:
+    """Iterations a running cell has logged. Its worker appends to metrics.jsonl while this reads:
+    a last line without its newline is still being written and is not counted yet."""
     path = cell.directory(home) / "metrics.jsonl"
     if not path.exists():
         return 0
     last = 0
     with path.open() as f:
         for line in f:
-            if '"total_loss"' in line:
+            if '"total_loss"' in line and line.endswith("\n"):
                 last = json.loads(line)["iteration"] + 1
     return last
 

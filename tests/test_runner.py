@@ -40,6 +40,18 @@ def test_plan_lists_implemented_cells_with_stable_keys(tmp_path, tiny):
     assert lsm_1.config.lsm.enabled and ubt_5.config.data.ratio == 5 and ubt_1.config.data.fold == 1
 
 
+def test_progress_counts_only_the_complete_lines_of_a_metrics_file_being_written(tmp_path, tiny):
+    """The live display read a worker's half-written last line and stopped `bench run` (JSONDecodeError)."""
+    from bench.runner import _iterations_done
+
+    cell = _plan(tmp_path, tiny)[1][2]
+    cell.directory(tmp_path).mkdir(parents=True)
+    rows = [json.dumps({"iteration": i, "total_loss": 1.0}) + "\n" for i in (10, 20)]
+    cut = json.dumps({"iteration": 30, "total_loss": 0.5})[:-4]  # a line cut mid-write
+    (cell.directory(tmp_path) / "metrics.jsonl").write_text("".join(rows) + cut)
+    assert _iterations_done(cell, tmp_path) == 21
+
+
 def test_plan_leaves_out_columns_with_too_few_labeled_images_unless_named(tmp_path, tiny):
     spec = load_spec_file(MINI)
     cells, notes = build_plan(spec, "demo_long", 1, tmp_path, overrides=tiny + ["data.synth.train_images=400"])
