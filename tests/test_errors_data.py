@@ -117,7 +117,7 @@ def mutated_docs(draw):
     return doc
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=mutated_docs())
 def test_mutated_coco_is_exit_2_with_one_line_or_success(tmp_path_factory, monkeypatch, capsys, doc):
     root = tmp_path_factory.mktemp("coco")
