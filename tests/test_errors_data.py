@@ -70,6 +70,15 @@ def test_malformed_types_are_one_line_naming_the_file(tmp_path, monkeypatch, cap
         load_coco(path, tmp_path / "coco" / "val2017")
 
 
+def test_file_names_with_a_newline_stay_on_one_line(tmp_path, monkeypatch, capsys):
+    """Found by the property test below: a duplicate image id printed both file names raw."""
+    images = copy.deepcopy(IMAGES)
+    images[1].update(id=1, file_name="b\n.png")
+    path = coco_root(tmp_path / "coco", doc={"images": images, "annotations": ANNS, "categories": CATS})
+    code, _, err = cli(monkeypatch, capsys, "data", "check", path, home=tmp_path)
+    assert code == 2 and one_line(err) and "duplicate image id 1 (a.png and b\\n.png)" in err, err
+
+
 def test_iscrowd_true_and_1_are_crowd_0_and_false_are_not(tmp_path):
     anns = copy.deepcopy(ANNS)
     anns[0]["iscrowd"], anns[1]["iscrowd"], anns[2]["iscrowd"] = True, False, 1

@@ -83,6 +83,11 @@ def _int_id(v: object, what: str, path: Path) -> int:
     return v
 
 
+def _printable(text: str) -> str:
+    """A file name as written, but with control characters escaped: an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _short(v: object) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -128,7 +133,7 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
         if not isinstance(file_name, str) or not file_name.strip() or "\x00" in file_name:
             raise BenchError(f"{path}: image {iid} has file_name {_short(file_name)}, not a file name; {_FIX_JSON}")
         if iid in images:
-            raise BenchError(f"{path}: duplicate image id {iid} ({images[iid]['file_name']} and {file_name}); "
+            raise BenchError(f"{path}: duplicate image id {iid} ({_printable(images[iid]['file_name'])} and {_printable(file_name)}); "
                              "give every image a unique id")
         w = _number(im["width"], "width", f"image {iid}", path)
         h = _number(im["height"], "height", f"image {iid}", path)
@@ -209,7 +214,7 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
     if missing:
         iid, file = missing[0]
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise BenchError(f"{path}: image {iid} file {file} does not exist{more}; "
+        raise BenchError(f"{path}: image {iid} file {_printable(str(file))} does not exist{more}; "
                          "point data.root (train) or --image-dir (bench data check) at the folder holding the images")
     return DetectionDataset(
         name=name or path.stem,
