@@ -11,7 +11,11 @@ weights and batch to the old one, so both run the same step on the same inputs w
 random state. A step is the method's losses, backward, an SGD step and the teacher's EMA update.
 The workers step alternately (old first in odd pairs, new first in even ones), so a slow spell
 of a shared machine hits both alike; the result is the median of the per-pair ratios new / old.
-The first step's loss terms of the two trees are compared as a check that both compute the same
+This checkout's worker also times the forward passes of the student's frozen parts (the
+demo's ImageNet trunk) and of the teacher's modules of the same names: "without its frozen trunk"
+is the new step less that time, over the old step, the ratio a trunk that cost nothing would give
+(what any faster trunk kernel can reach at most). The first step's loss terms of the two trees are
+compared as a check that both compute the same
 thing (they agree to float rounding where the new code only reorganises the arithmetic). The old
 tree drops settings it does not know: where the preset uses one it lacks, give this tree the old
 behaviour, or the two steps do different work (against 4a1edde, the demo's focal RoI loss and
@@ -34,6 +38,33 @@ HERE = Path(__file__).resolve()
 
 
 # ----------------------------------------------------------------------------- worker side
+def frozen_names(model) -> list[str]:
+    """Names of the largest submodules whose parameters are all frozen (the demo's trunk)."""
+    names = []
+
+    def visit(prefix: str, module) -> None:
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            names.append(prefix)
+            return
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return names
+
+
+def time_forwards(models: list, names: list[str], clock) -> list[float]:
+    """A one-element total that grows by the time of every forward of those modules of `models`."""
+    total = [0.0]
+    for model in models:
+        for name in names:
+            module = model.get_submodule(name)
+            module.register_forward_pre_hook(lambda m, i: total.__setitem__(0, total[0] - clock()))
+            module.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + clock()))
+    return total
+
+
 def worker(args) -> None:
     """Build (or load) the starting point against the tree in BENCH_CODE_ROOT, then answer
     "step" lines with the step's time in seconds (and the losses of the first step)."""
@@ -69,17 +100,23 @@ def worker(args) -> None:
 
     seed_everything(cfg.seed)  # the same draws in both trees
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    frozen = [0.0]
+    if args.role == "new":  # the old tree may name its modules otherwise
+        teacher = getattr(adapter, "teacher", None)
+        frozen = time_forwards([adapter.student] + ([teacher] if teacher is not None else []),
+                               frozen_names(adapter.student), clock)
     print(json.dumps({"ready": True}), flush=True)
     first = True
     for line in sys.stdin:
         if line.strip() != "step":
             break
+        frozen[0] = 0.0
         t0 = clock()
         out = step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = clock() - t0
-        reply = {"time": dt}
+        reply = {"time": dt, "frozen": frozen[0]}
         if first:
             reply["losses"] = {k: float(v.detach()) for k, v in out.losses.items()}
             first = False
@@ -131,11 +168,14 @@ def compare(method: str, args) -> dict:
                     reply = ask(p, "step")
                     losses.setdefault(role, reply.get("losses"))
             times = {"old": [], "new": []}
+            frozen = []
             for i in range(args.iters):
                 order = ("old", "new") if i % 2 == 0 else ("new", "old")
                 for role in order:
                     reply = ask(procs[role], "step")
                     times[role].append(reply["time"])
+                    if role == "new":
+                        frozen.append(reply["frozen"])
                     if reply.get("losses"):
                         losses.setdefault(role, reply["losses"])
         finally:
@@ -144,7 +184,9 @@ def compare(method: str, args) -> dict:
                     p.stdin.close()
                     p.wait(timeout=60)
     ratios = [n / o for o, n in zip(times["old"], times["new"])]
-    return {"times": times, "ratio": statistics.median(ratios), "ratios": ratios, "losses": losses}
+    bound = statistics.median((n - f) / o for o, n, f in zip(times["old"], times["new"], frozen))
+    return {"times": times, "ratio": statistics.median(ratios), "ratios": ratios, "losses": losses,
+            "frozen": frozen, "ratio_without_frozen": bound}
 
 
 def loss_agreement(losses: dict) -> str:
@@ -195,7 +237,8 @@ def main() -> None:
         med = {k: statistics.median(v) * 1000 for k, v in r["times"].items()}
         print(f"{method:16s} old {med['old']:.1f} ms, new {med['new']:.1f} ms (medians); "
               f"new / old per pair: median {r['ratio']:.3f} (min {min(r['ratios']):.3f}, max {max(r['ratios']):.3f}); "
-              f"{loss_agreement(r['losses'])}", flush=True)
+              f"frozen trunk {statistics.median(r['frozen']) * 1000:.1f} ms of new, without it / old: "
+              f"{r['ratio_without_frozen']:.3f}; {loss_agreement(r['losses'])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
