@@ -11,15 +11,15 @@ weights and batch to the old one, so both run the same step on the same inputs w
 random state. A step is the method's losses, backward, an SGD step and the teacher's EMA update.
 The workers step alternately (old first in odd pairs, new first in even ones), so a slow spell
 of a shared machine hits both alike; the result is the median of the per-pair ratios new / old.
-This checkout's worker also times the forward passes of the student's frozen parts (the
-demo's ImageNet trunk) and of the teacher's modules of the same names: "without its frozen trunk"
-is the new step less that time, over the old step, the ratio a trunk that cost nothing would give
-(what any faster trunk kernel can reach at most). The first step's loss terms of the two trees are
-compared as a check that both compute the same
-thing (they agree to float rounding where the new code only reorganises the arithmetic). The old
-tree drops settings it does not know: where the preset uses one it lacks, give this tree the old
-behaviour, or the two steps do different work (against 4a1edde, the demo's focal RoI loss and
-aligned RoIAlign: `model.cls_loss=ce model.pooler_aligned=false`).
+This checkout's worker also times the forward passes of the student's frozen parts (the demo's
+ImageNet trunk) and of the teacher's modules of the same names; "without it / old" is the new step
+less that time over the old step: the ratio a trunk that cost nothing would give, the most any
+faster trunk kernel can reach. The first step's loss terms of the two trees are compared as a
+check that both compute the same thing (they agree to float rounding where the new code only
+reorganises the arithmetic). The old tree drops settings it does not know: where the preset uses
+one it lacks, give this tree the old behaviour, or the two steps do different work (against
+4a1edde, the demo's focal RoI loss and aligned RoIAlign: `model.cls_loss=ce
+model.pooler_aligned=false`).
 """
 
 from __future__ import annotations
