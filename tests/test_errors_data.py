@@ -61,6 +61,12 @@ def _with(section, index, key, value):
     (_with("annotations", 0, "iscrowd", "no"), "annotation 1 (image 1) has iscrowd 'no'; it must be 0 or 1"),
     (_with("annotations", 0, "area", -5), "annotation 1 (image 1) has negative area -5"),
     ({"images": IMAGES, "annotations": ANNS, "categories": []}, "'categories' is empty"),
+    # JSON integers have no bound; ids live in 64-bit arrays (found by the property test below)
+    (_with("annotations", 0, "id", 2 ** 63), "annotation id 9223372036854775808 does not fit in 64 bits"),
+    (_with("annotations", 0, "image_id", -2 ** 63 - 1),
+     "annotation 1's image_id -9223372036854775809 does not fit in 64 bits"),
+    (_with("images", 0, "id", 2 ** 64), "image id 18446744073709551616 does not fit in 64 bits"),
+    (_with("categories", 0, "id", 2 ** 63), "category 'a': id 9223372036854775808 does not fit in 64 bits"),
 ])
 def test_malformed_types_are_one_line_naming_the_file(tmp_path, monkeypatch, capsys, doc, message):
     path = coco_root(tmp_path / "coco", doc=doc)
@@ -77,6 +83,15 @@ def test_file_names_with_a_newline_stay_on_one_line(tmp_path, monkeypatch, capsy
     path = coco_root(tmp_path / "coco", doc={"images": images, "annotations": ANNS, "categories": CATS})
     code, _, err = cli(monkeypatch, capsys, "data", "check", path, home=tmp_path)
     assert code == 2 and one_line(err) and "duplicate image id 1 (a.png and b\\n.png)" in err, err
+
+
+def test_ids_at_the_ends_of_the_64_bit_range_are_read(tmp_path):
+    doc = _with("annotations", 0, "id", 2 ** 63 - 1)
+    doc["annotations"][1]["id"] = -2 ** 63
+    path = coco_root(tmp_path / "coco", doc=doc)
+    ds = load_coco(path, tmp_path / "coco" / "val2017")
+    assert ds.records[0].ann_ids.tolist() == [2 ** 63 - 1]
+    assert sorted(ds.records[1].ann_ids.tolist()) == [-2 ** 63, 3]
 
 
 def test_iscrowd_true_and_1_are_crowd_0_and_false_are_not(tmp_path):

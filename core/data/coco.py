@@ -80,6 +80,13 @@ def _int_id(v: object, what: str, path: Path) -> int:
     """An id: a JSON integer (not a bool, a float, a string, a list or null)."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise BenchError(f"{path}: {what} {_short(v)} is not an integer id; {_FIX_JSON}")
+    return _int64(v, what, path)
+
+
+def _int64(v: int, what: str, path: Path) -> int:
+    """Ids are stored in 64-bit arrays (and COCO's evaluation holds them so): JSON allows larger."""
+    if not -2 ** 63 <= v < 2 ** 63:
+        raise BenchError(f"{path}: {what} {_short(v)} does not fit in 64 bits; use ids between -2**63 and 2**63 - 1")
     return v
 
 
@@ -116,6 +123,7 @@ def load_coco(annotation_file: Path, image_dir: Path, name: str | None = None,
         cid = c["id"]
         if not isinstance(cid, int) or isinstance(cid, bool):
             raise BenchError(f"{path}: category {_short(c.get('name'))} has non-integer id {_short(cid)}; {_FIX_JSON}")
+        _int64(cid, f"category {_short(c.get('name'))}: id", path)
         if cid in cat_ids:
             raise BenchError(f"{path}: duplicate category id {cid}; give every category a unique id")
         if not isinstance(c["name"], str) or not c["name"]:
