@@ -12,9 +12,11 @@ Importing never replaces a cell the store already has.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from core.errors import BenchError
@@ -49,16 +51,40 @@ def export_cells(directories: list[Path], home: Path, out: Path, note: dict) -> 
     return len(done)
 
 
+def _damaged(archive: Path, exc: Exception) -> BenchError:
+    return BenchError(f"{archive} is truncated or damaged ({exc}); copy it again, or export it again from its store")
+
+
+def _read(archive: Path, read):
+    """`read()`, with a truncated or damaged archive (found only as it is read) as a one-line error."""
+    try:
+        return read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise _damaged(archive, exc) from None
+
+
+def _read_to_end(archive: Path) -> None:
+    """Decompress the whole file, which checks the gzip CRC and length at its end."""
+    with gzip.open(archive) as stream:
+        while stream.read(1 << 20):
+            pass
+
+
 def import_cells(archive: Path, home: Path) -> tuple[int, int]:
     """Merge `archive` into `home`'s runs/; returns (cells added, cells the store already had)."""
     if not archive.is_file():
         raise BenchError(f"{archive} does not exist; give the .tar.gz written by `bench export`")
     try:
         tar = tarfile.open(archive, "r:gz")
+    except (EOFError, zlib.error) as exc:  # a gzip stream cut short
+        raise _damaged(archive, exc) from None
     except (tarfile.TarError, OSError) as exc:
         raise BenchError(f"{archive} is not a gzipped tar archive ({exc}); give the file `bench export` wrote") from None
     with tar:
-        members = tar.getmembers()
+        # the whole gzip stream first: tarfile stops at the end-of-archive blocks and never reaches
+        # the gzip CRC, so a damaged byte would otherwise be imported as a changed result
+        _read(archive, lambda: _read_to_end(archive))
+        members = _read(archive, tar.getmembers)
         if MANIFEST not in {m.name for m in members}:
             raise BenchError(f"{archive} has no {MANIFEST}: it was not written by `bench export`")
         cells: dict[str, list[tarfile.TarInfo]] = {}
@@ -84,7 +110,7 @@ def import_cells(archive: Path, home: Path) -> tuple[int, int]:
             for m in sorted(files, key=lambda m: m.name.endswith("result.json")):
                 target = rdir / PurePosixPath(m.name).name
                 tmp = target.with_name(target.name + ".tmp")
-                tmp.write_bytes(tar.extractfile(m).read())
+                tmp.write_bytes(_read(archive, lambda: tar.extractfile(m).read()))
                 tmp.replace(target)
             added += 1
     return added, kept

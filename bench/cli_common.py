@@ -373,7 +373,13 @@ def run_app(app: typer.Typer) -> None:
     except errors as exc:  # a usage error: the message and the usage line, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except aborts:
+    except aborts as exc:
+        # click turns an EOFError into Abort (Ctrl-D at a prompt; this CLI has none): here it is a
+        # truncated file read by a command, which must be reported, not end the command silently
+        if isinstance(exc.__cause__, EOFError):
+            if debug:
+                raise exc.__cause__ from None
+            _report_bug(exc.__cause__)
         sys.exit(1)
     except BenchError as err:
         if debug:
@@ -388,7 +394,12 @@ def run_app(app: typer.Typer) -> None:
     except Exception as err:  # a bug: one line and how to see more
         if debug:
             raise
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        print(f"error: internal error ({type(err).__name__}: {first}); rerun with --debug (or BENCH_DEBUG=1) for "
-              "the traceback and report it", file=sys.stderr)
+        _report_bug(err)
         sys.exit(1)
+
+
+def _report_bug(err: BaseException) -> None:
+    """An unexpected exception as one line naming --debug."""
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    print(f"error: internal error ({type(err).__name__}: {first}); rerun with --debug (or BENCH_DEBUG=1) for "
+          "the traceback and report it", file=sys.stderr)

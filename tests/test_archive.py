@@ -77,3 +77,25 @@ def test_foreign_archives_are_refused_in_one_line(tmp_path):
         assert out.returncode == 2, (archive, out.stdout)
         assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "evil").exists() and not (home / "runs").exists()
+
+
+def test_a_truncated_or_damaged_archive_is_refused_and_nothing_is_imported(tmp_path):
+    """A gzip CRC covers the whole stream; tarfile alone stops before it and would import a changed
+    byte as a changed result."""
+    home = tmp_path / "home"
+    key = "ab" + "0" * 62
+    good = tmp_path / "good.tar.gz"
+    _tar(good, {"lsm-bench-cells.json": b"{}", f"runs/ab/{key}/result.json": b'{"AP": 31.7754}' * 50})
+    data = good.read_bytes()
+    truncated, damaged = tmp_path / "cut.tar.gz", tmp_path / "crc.tar.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[-8] ^= 0xFF  # the CRC-32 of the trailer: the data itself decompresses
+    damaged.write_bytes(bytes(flipped))
+    for archive in (truncated, damaged):
+        out = bench("import", str(archive), home=home)
+        assert out.returncode == 2, (archive, out.stdout, out.stderr)
+        assert "is truncated or damaged" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert not (home / "runs").exists()
+    out = bench("import", str(good), home=home)
+    assert out.returncode == 0 and "1 cells added" in out.stdout, out.stderr

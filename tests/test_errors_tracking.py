@@ -166,3 +166,14 @@ def test_tracebacks_only_with_debug(tmp_path, monkeypatch, capsys):
     assert "internal error (ZeroDivisionError: division by zero); rerun with --debug" in err
     with pytest.raises(ZeroDivisionError):
         cli(monkeypatch, capsys, "plan", "table1", "--debug", home=tmp_path)
+
+    # click turns an EOFError into a silent Abort (exit 1, no message): it is reported like any bug
+    def cut_short(*_, **__):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr("bench.specs.load_spec", cut_short)
+    code, _, err = cli(monkeypatch, capsys, "plan", "table1", home=tmp_path)
+    assert code == 1 and err.strip() == ("error: internal error (EOFError: Ran out of input); rerun with --debug "
+                                         "(or BENCH_DEBUG=1) for the traceback and report it")
+    with pytest.raises(EOFError):
+        cli(monkeypatch, capsys, "plan", "table1", "--debug", home=tmp_path)
