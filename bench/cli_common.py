@@ -214,9 +214,14 @@ def load_trained(cfg, data, weights: Path):
 
     device = resolve_device(cfg.device)
     adapter = get_adapter(cfg.method)(cfg, data.num_classes, device)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    for name, model in adapter.eval_models().items():
-        model.load_state_dict(state[name])
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        for name, model in adapter.eval_models().items():
+            model.load_state_dict(state[name])
+    except Exception as err:  # zip, pickle, key or shape errors: a damaged or foreign file
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise BenchError(f"{weights} cannot be read as this run's final weights ({type(err).__name__}: {first}); "
+                         f"delete {weights.parent} and train the cell again") from None
     return adapter, device
 
 

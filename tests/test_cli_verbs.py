@@ -104,3 +104,26 @@ def test_the_table_is_not_cut_when_stdout_is_not_a_terminal(tmp_path, monkeypatc
 def test_an_unknown_format_is_one_line(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "status", "--format", "xml", home=tmp_path)
     assert code == 2 and "--format xml: use table, csv or json" in err and one_line(err), err
+
+
+def test_eval_scores_a_finished_run_and_refuses_damaged_weights_in_one_line(tmp_path, monkeypatch, capsys):
+    """`bench eval` evaluates the final weights again; truncated or foreign weights are one line
+    naming the file and the fix, not a torch traceback."""
+    import torch
+
+    from tests.test_archive import _one_done_cell
+
+    result = _one_done_cell(tmp_path)
+    key = result["key"]
+    code, out, err = cli(monkeypatch, capsys, "eval", key[:12], home=tmp_path)
+    assert code == 0 and "Average Precision" in out, err
+    weights = next((tmp_path / "runs").glob(f"*/{key}/model_final.pth"))
+    whole = weights.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b""):
+        weights.write_bytes(damaged)
+        code, _, err = cli(monkeypatch, capsys, "eval", key[:12], home=tmp_path)
+        assert code == 2 and one_line(err) and f"{weights} cannot be read as this run's final weights" in err, err
+        assert f"delete {weights.parent} and train the cell again" in err
+    torch.save({"student": {}}, weights)  # a readable file with no weights of this model in it
+    code, _, err = cli(monkeypatch, capsys, "eval", key[:12], home=tmp_path)
+    assert code == 2 and one_line(err) and "cannot be read as this run's final weights" in err, err
