@@ -9,11 +9,13 @@ difficult objects (they neither count as misses nor make detections false positi
 
 Image ids are the integer form of the file stem ("000005" -> 5, "2008_000002" -> 2008000002), so
 VOC07 and VOC12 ids never collide; ``stats["stems"]`` maps id -> stem. If any stem is not of that
-form (custom data), ids are instead 1..N in image-set order (``stats["id_scheme"] = "index"``).
+form (custom data), or two give one id, or one is 2**63 or more (ids are stored in 64 bits), ids are
+instead 1..N in image-set order (``stats["id_scheme"] = "index"``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -43,9 +45,12 @@ def _text(node: ET.Element, tag: str, xml: Path, stem: str) -> str:
 def _float(node: ET.Element, tag: str, xml: Path, stem: str, where: str) -> float:
     raw = _text(node, tag, xml, stem)
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise BenchError(f"{xml}: {where} has non-numeric <{tag}> {raw!r}; fix the annotation XML") from None
+    if not math.isfinite(value):  # float() reads "nan", "inf" and "1e400" too
+        raise BenchError(f"{xml}: {where} has non-finite <{tag}> {raw!r}; fix the annotation XML")
+    return value
 
 
 def read_annotation(xml: Path, label_of: dict[str, int], image: Path | None = None, stem: str | None = None):
@@ -90,7 +95,10 @@ def read_annotation(xml: Path, label_of: dict[str, int], image: Path | None = No
             raise BenchError(f"{xml}: {where} box lies outside the {W:g}x{H:g} image; fix the box or <size>")
         clipped += c != (x1, y1, x2, y2)
         diff_node = obj.find("difficult")
-        crowd.append(diff_node is not None and (diff_node.text or "0").strip() == "1")
+        difficult = "0" if diff_node is None else (diff_node.text or "0").strip()
+        if difficult not in ("0", "1"):  # "yes" or "true" would silently read as not difficult
+            raise BenchError(f"{xml}: {where} has <difficult> {difficult!r}; it must be 0 or 1")
+        crowd.append(difficult == "1")
         boxes.append(c)
         labels.append(label_of[cls])
     return (int(W), int(H), np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(labels, dtype=np.int64),
@@ -116,7 +124,7 @@ def load_voc(root: Path, image_set: str = "trainval", name: str | None = None,
 
     numeric = all(_STEM.match(s) for s in stems)
     ids = [int(s.replace("_", "")) for s in stems] if numeric else list(range(1, len(stems) + 1))
-    if numeric and len(set(ids)) != len(ids):
+    if numeric and (len(set(ids)) != len(ids) or max(ids, default=0) >= 2 ** 63):  # ids live in 64-bit arrays
         ids, numeric = list(range(1, len(stems) + 1)), False
 
     records: list[ImageRecord] = []

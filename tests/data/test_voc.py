@@ -88,3 +88,30 @@ def test_check_voc_root(voc_root):
     assert s["format"] == "voc" and s["images"] == 2 and s["crowd"] == 1
     assert s["boxes_per_class"]["dog"] == 1 and s["boxes_per_class"]["car"] == 1
     assert any("class(es) without any box" in p for p in s["problems"])
+
+
+@pytest.mark.parametrize("box, message", [
+    (("nan", 1, 5, 5), "has non-finite <xmin> 'nan'"),
+    ((1, 1, "inf", 5), "has non-finite <xmax> 'inf'"),
+    ((1, 1, 5, "1e400"), "has non-finite <ymax> '1e400'"),
+])
+def test_non_finite_coordinates_are_refused(tmp_path, box, message):
+    """float() reads them, and a NaN box would reach the loss; inf was clipped to the image's side."""
+    root = make_voc(tmp_path / "v", {"000001": (50, 50, [_obj("cat", box)])})
+    with pytest.raises(BenchError, match=rf"000001\.xml: object 0 \(cat\) of image 000001 {message}"):
+        load_voc(root)
+
+
+def test_a_non_finite_size_and_a_difficult_flag_other_than_0_or_1_are_refused(tmp_path):
+    root = make_voc(tmp_path / "v", {"000001": (50, 50, [_obj("cat", (1, 1, 5, 5), difficult="yes")])})
+    with pytest.raises(BenchError, match=r"object 0 \(cat\) of image 000001 has <difficult> 'yes'; it must be 0 or 1"):
+        load_voc(root)
+    (root / "Annotations" / "000001.xml").write_text(_xml("nan", 50, []))
+    with pytest.raises(BenchError, match=r"<size> has non-finite <width> 'nan'"):
+        load_voc(root)
+
+
+def test_numeric_stems_beyond_64_bits_use_index_ids(tmp_path):
+    root = make_voc(tmp_path / "v", {"9" * 19: (10, 10, []), "000005": (10, 10, [])})
+    ds = load_voc(root)
+    assert [r.id for r in ds.records] == [1, 2] and ds.stats["id_scheme"] == "index"
