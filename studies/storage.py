@@ -45,7 +45,16 @@ def open_storage(home: Path, url: str | None = None) -> optuna.storages.BaseStor
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         # The open(O_EXCL) lock works on NFS too, where symlink locks are unreliable.
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        try:  # replaying the journal: a damaged one fails here, not deep in a study
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(path),
+                                                                        lock_obj=JournalFileOpenLock(str(path))))
+            storage.get_all_studies()
+        except Exception as err:  # JSON, replay assertions, missing keys: optuna has no error of its own
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            raise BenchError(f"Optuna journal {path} cannot be read ({type(err).__name__}: {first}); it is damaged "
+                             f"(edited, or cut short by a full disk). Move it aside (mv {path} {path}.damaged) and "
+                             "rerun: the studies start again, their trained cells come from the cell cache") from None
+        return storage
     if url.startswith("sqlite"):
         raise BenchError(f"storage {url}: SQLite is not safe for parallel trials; omit --storage to use the "
                          "journal file under BENCH_HOME, or give a postgresql:// URL")

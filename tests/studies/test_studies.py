@@ -328,3 +328,22 @@ def test_trial_killed_before_its_first_line_is_recovered_once_its_workers_are_go
     notes = recover(study, defn, MLflowStudyCallback(tmp_path / "other", enabled=False))
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1 and "queued again" in notes[0]
+
+
+def test_a_damaged_journal_is_one_line_naming_it_and_is_left_as_it_is(tmp_path, monkeypatch, capsys):
+    """A journal line that is not JSON (an edit, a write cut short by a full disk and appended to)
+    made the replay fail deep in optuna as an internal error."""
+    from studies.storage import journal_path
+    from tests.test_errors import cli, one_line
+
+    for name in ("first", "second"):  # a healthy journal opens
+        optuna.create_study(study_name=name, storage=open_storage(tmp_path))
+    journal = journal_path(tmp_path)
+    damaged = b'garbage{"op_code":' + journal.read_bytes()
+    journal.write_bytes(damaged)
+    with pytest.raises(BenchError, match=rf"Optuna journal {journal} cannot be read \(JSONDecodeError"):
+        open_storage(tmp_path)
+    code, _, err = cli(monkeypatch, capsys, "study", "figure5", "--grid", "0.5", "--seeds", "1", "--no-track",
+                       home=tmp_path)
+    assert code == 2 and one_line(err) and f"mv {journal} {journal}.damaged" in err, err
+    assert journal.read_bytes() == damaged
