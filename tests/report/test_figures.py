@@ -124,3 +124,15 @@ def test_iou_vs_area_by_hand():
     ax_a, ax_b = fig.axes[:2]
     assert ax_a.get_ylabel() == "mean IoU with ground truth" and ax_b.get_xlabel() == "box side √area (px, log scale)"
     assert [p.get_height() for p in ax_a.patches] == pytest.approx([0.5, 0.5])  # small: (1 + 0) / 2, medium: 0.5
+
+
+def test_a_damaged_training_log_is_one_error_naming_its_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 10, "pl_precision": 0.5}\n\n{"iteration": 20, "pl_prec\n')
+    with pytest.raises(BenchError, match=rf"{path}: line 3 is not a training-log record \('Unterminated string"):
+        figures.pseudo_label_curves(path)
+    path.write_text('{"iteration": 10, "pl_precision": 0.5}\n[1, 2]\n')
+    with pytest.raises(BenchError, match=r"line 2 is not a training-log record \(\[1, 2\]\)"):
+        figures.eval_curves(path)
+    path.write_text('{"iteration": 10, "pl_precision": 0.5}\n\n')  # blank lines are skipped
+    assert figures.pseudo_label_curves(path)["value"].tolist() == [0.5]
