@@ -244,13 +244,18 @@ def evaluate_run(run: str, backend: str, home: Optional[Path]) -> None:
 def make_split(dataset: str, ratio: float, fold: int, root: Optional[Path], import_ubteacher: Optional[Path],
                import_stac: Optional[Path], out: Optional[Path], home: Optional[Path], nested: bool = False) -> None:
     """`bench data split`: a split manifest (made or imported), saved to `out` if given, summarised."""
-    from core.config import DataConfig
+    from pydantic import ValidationError
+
+    from core.config import DataConfig, format_validation_error
     from core.data import splits
     from core.data.sources import prepare_data
 
     if dataset == "voc":
         raise BenchError("VOC's split is fixed (07 trainval labeled, 12 trainval unlabeled); nothing to generate")
-    cfg = DataConfig(dataset=dataset, ratio=ratio, fold=fold, root=str(root) if root else None, nested_splits=nested)
+    try:
+        cfg = DataConfig(dataset=dataset, ratio=ratio, fold=fold, root=str(root) if root else None, nested_splits=nested)
+    except ValidationError as err:  # --ratio 0, --fold 0, an unknown --dataset
+        raise BenchError(format_validation_error(err, "bench data split")) from None
     data = prepare_data(cfg, resolve_home(home))
     manifest = data.manifest
     if import_ubteacher or import_stac:

@@ -373,7 +373,8 @@ def _known_keys(path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """The first problem of a validation error as one line, prefixed by where the values came from."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
@@ -438,7 +439,7 @@ def load_config(preset: str = "demo", overrides: list[str] | dict | None = None,
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise BenchError(_format_validation_error(err, f"preset '{preset}'")) from None
+        raise BenchError(format_validation_error(err, f"preset '{preset}'")) from None
 
 
 def preset_planning(preset: str, key: str):
@@ -458,7 +459,7 @@ def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(_merge(cfg.model_dump(mode="json"), overrides))
     except ValidationError as err:
-        raise BenchError(_format_validation_error(err, "override")) from None
+        raise BenchError(format_validation_error(err, "override")) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -204,3 +204,13 @@ def test_data_check_on_a_coco_root_checks_each_annotation_file(tmp_path, monkeyp
     assert code == 2 and one_line(err) and "instances_val2017.json: 1 problem(s)" in err, err
     code, _, err = cli(monkeypatch, capsys, "data", "check", tmp_path / "train2017", home=tmp_path)
     assert code == 2 and "nor a COCO root" in err and one_line(err), err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "synthetic", "--ratio", "0"], "invalid value for 'ratio': Input should be greater than 0 (got 0.0)"),
+    (["--dataset", "synthetic", "--ratio", "10", "--fold", "0"], "invalid value for 'fold'"),
+    (["--dataset", "nosuch", "--ratio", "10"], "invalid value for 'dataset': Input should be 'synthetic'"),
+])
+def test_data_split_refuses_bad_options_in_one_line(tmp_path, monkeypatch, capsys, args, message):
+    code, _, err = cli(monkeypatch, capsys, "data", "split", *args, home=tmp_path)
+    assert code == 2 and one_line(err) and f"bench data split: {message}" in err, err
