@@ -262,7 +262,7 @@ def serve(service: str = typer.Argument(..., help="mlflow or optuna."),
               "postgresql+psycopg://...)."),
           host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback is reachable by "
                                    "whoever reaches this machine."),
-          port: Optional[int] = typer.Option(None, help="Port (default 5000 for mlflow, 8080 for optuna)."),
+          port: Optional[int] = typer.Option(None, min=1, max=65535, help="Port (default 5000 for mlflow, 8080 for optuna)."),
           dashboard: bool = typer.Option(True, help="optuna: serve optuna-dashboard over the storage (the "
                                          "`dashboard` extra); --no-dashboard only checks the storage."),
           home: Optional[Path] = HOME_OPT):

@@ -29,13 +29,20 @@ def say(text: str) -> None:
     console.print(text, markup=False, highlight=False)
 
 
+def percent_option(value: Optional[float]) -> Optional[float]:
+    """--ratio: a percent of labeled images, 0 excluded (a falsy 0 would silently mean the default)."""
+    if value is not None and not 0 < value <= 100:
+        raise typer.BadParameter(f"{value:g} is not a percent in (0, 100]; e.g. --ratio 5")
+    return value
+
+
 STORAGE_OPT = typer.Option(None, "--storage", help="Optuna storage: a journal file (default "
                            "BENCH_HOME/optuna/journal.log) or an RDB URL (postgresql+psycopg://...).")
 WORKERS_OPT = typer.Option(1, "--workers", help="Trial processes at once on this machine.")
 TRACK_OPT = typer.Option(True, help="Log the study, its trials and cells to MLflow.")
 OUT_OPT = typer.Option(Path("results"), help="Where figures and tables are written.")
 NAME_OPT = typer.Option(None, "--name", help="Study name (default: from the command and preset).")
-RATIO_OPT = typer.Option(None, "--ratio", help="Labeled % (default: the paper's 1%, or on a preset where 1% "
+RATIO_OPT = typer.Option(None, "--ratio", callback=percent_option, help="Labeled % (default: the paper's 1%, or on a preset where 1% "
                          "gives fewer than 2 labeled images per class, the smallest of 2, 5, 10, ... that does).")
 PRESET_OPT = typer.Option("demo", help="Preset.")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -209,7 +216,8 @@ def figure(ctx: typer.Context,
                                       "(the table's LSM − baseline pairs as a forest plot)."),
            preset: str = PRESET_OPT,
            seeds: int = typer.Option(3, help="fig4 / pl-quality: seeds of each method."),
-           ratio: Optional[float] = typer.Option(None, help="Label ratio (fig1 default 100, fig4 default 5)."),
+           ratio: Optional[float] = typer.Option(None, callback=percent_option,
+                                                help="Label ratio (fig1 default 100, fig4 default 5)."),
            score_thresh: Optional[float] = typer.Option(
                None, help="fig1: pseudo-label score threshold (default semi.t); samples: lowest score drawn "
                "(default 0.1)."),
@@ -377,8 +385,8 @@ def _fig1(preset, overrides, ratio, score_thresh, train, home, out, command):
 
 
 # -- bench ui --------------------------------------------------------------------------------------
-def ui(port: int = typer.Option(5000, "--port", help="MLflow UI port on 127.0.0.1."),
-       dashboard_port: int = typer.Option(8080, "--dashboard-port", help="optuna-dashboard port on 127.0.0.1."),
+def ui(port: int = typer.Option(5000, "--port", min=1, max=65535, help="MLflow UI port on 127.0.0.1."),
+       dashboard_port: int = typer.Option(8080, "--dashboard-port", min=1, max=65535, help="optuna-dashboard port on 127.0.0.1."),
        dashboard: bool = typer.Option(True, help="Also start optuna-dashboard (the `dashboard` extra)."),
        storage: Optional[str] = STORAGE_OPT, home: Optional[Path] = HOME_OPT):
     """Start the MLflow UI and optuna-dashboard on the suite's stores; Ctrl-C stops both."""

@@ -127,3 +127,14 @@ def test_eval_scores_a_finished_run_and_refuses_damaged_weights_in_one_line(tmp_
     torch.save({"student": {}}, weights)  # a readable file with no weights of this model in it
     code, _, err = cli(monkeypatch, capsys, "eval", key[:12], home=tmp_path)
     assert code == 2 and one_line(err) and "cannot be read as this run's final weights" in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ui", "--port", "-1"], "Invalid value for '--port'"),  # was an OverflowError from bind()
+    (["serve", "mlflow", "--port", "70000"], "Invalid value for '--port'"),
+    (["figure", "fig1", "--ratio", "0"], "0 is not a percent in (0, 100]"),  # a falsy 0 meant the default 100
+    (["study", "figure5", "--ratio", "101"], "101 is not a percent in (0, 100]"),
+])
+def test_ports_and_ratios_out_of_range_are_usage_errors(tmp_path, monkeypatch, capsys, args, message):
+    code, _, err = cli(monkeypatch, capsys, *args, home=tmp_path)
+    assert code == 2 and message in err and "Traceback" not in err and "internal error" not in err, err
