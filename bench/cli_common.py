@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from core.errors import BenchError
+from core.errors import BenchError, first_line
 
 
 def _home_path(value: str) -> Path:
@@ -219,7 +219,7 @@ def load_trained(cfg, data, weights: Path):
         for name, model in adapter.eval_models().items():
             model.load_state_dict(state[name])
     except Exception as err:  # zip, pickle, key or shape errors: a damaged or foreign file
-        first = (str(err).strip().splitlines() or [""])[0][:200]
+        first = first_line(err, 200)
         raise BenchError(f"{weights} cannot be read as this run's final weights ({type(err).__name__}: {first}); "
                          f"delete {weights.parent} and train the cell again") from None
     return adapter, device
@@ -410,6 +410,6 @@ def run_app(app: typer.Typer) -> None:
 
 def _report_bug(err: BaseException) -> None:
     """An unexpected exception as one line naming --debug."""
-    first = (str(err).strip().splitlines() or [""])[0][:300]
+    first = first_line(err)
     print(f"error: internal error ({type(err).__name__}: {first}); rerun with --debug (or BENCH_DEBUG=1) for "
           "the traceback and report it", file=sys.stderr)

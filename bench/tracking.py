@@ -12,6 +12,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from core.errors import first_line
+
 EXPERIMENT = "lsm-bench"
 
 
@@ -78,7 +80,7 @@ def _warn_once(err: BaseException) -> None:
     if not _warned:
         import sys
 
-        first = (str(err).strip().splitlines() or [""])[0][:300]
+        first = first_line(err)
         print(f"warning: MLflow tracking failed ({type(err).__name__}: {first}); training goes on without it, "
               "its metrics stay in the cell's metrics.jsonl", file=sys.stderr, flush=True)
         _warned = True
@@ -101,7 +103,7 @@ def _tolerant(method):
         except Exception as err:  # sqlite (read-only, deleted, locked), HTTP, MLflow's own errors
             self.enabled = False
             if self.strict:  # `bench sync`: the store being down is what it reports
-                first = (str(err).strip().splitlines() or [""])[0][:300]
+                first = first_line(err)
                 raise StoreError(f"{type(err).__name__}: {first}") from err
             _warn_once(err)
             return None

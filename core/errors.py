@@ -8,3 +8,8 @@ stderr and exits with code 2; tracebacks are kept for bugs.
 
 class BenchError(Exception):
     """A problem with the user's input, explained in one line."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut to `limit` characters: for one-line reports."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 
-from core.errors import BenchError
+from core.errors import BenchError, first_line
 
 JOURNAL = "optuna/journal.log"
 # A trial whose worker has not beaten for GRACE_S seconds is stale (RDB storages only).
@@ -50,7 +50,7 @@ def open_storage(home: Path, url: str | None = None) -> optuna.storages.BaseStor
                                                                         lock_obj=JournalFileOpenLock(str(path))))
             storage.get_all_studies()
         except Exception as err:  # JSON, replay assertions, missing keys: optuna has no error of its own
-            first = (str(err).strip().splitlines() or [""])[0][:160]
+            first = first_line(err, 160)
             raise BenchError(f"Optuna journal {path} cannot be read ({type(err).__name__}: {first}); it is damaged "
                              f"(edited, or cut short by a full disk). Move it aside (mv {path} {path}.damaged) and "
                              "rerun: the studies start again, their trained cells come from the cell cache") from None
