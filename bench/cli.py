@@ -16,6 +16,7 @@ from rich.console import Console
 
 from bench.cli_common import (FORMAT_OPT, HOME_OPT, check_data, clean_runs, evaluate_run, fetch_data, import_archive,
                                make_split, resolve_home, run_app, show_config, show_status)
+from core.errors import BenchError
 from core.methods import METHODS
 from studies.cli import EXTRA, figure, study_app, ui
 
@@ -180,15 +181,23 @@ def eval_cmd(
 
 @data_app.command("synth")
 def data_synth(
-    out: Path = typer.Option(..., help="Output directory."),
-    images: int = typer.Option(600, help="Number of images."),
-    seed: int = typer.Option(0, help="Generator seed."),
-    image_size: int = typer.Option(160, help="Image side in pixels."),
+    out: Path = typer.Option(..., help="Output directory (new, or one without this split's annotation file)."),
+    images: int = typer.Option(600, min=1, help="Number of images."),
+    seed: int = typer.Option(0, min=0, help="Generator seed."),
+    image_size: int = typer.Option(160, min=32, max=4096, help="Image side in pixels."),
     split: str = typer.Option("train", help="Split name (file and folder names)."),
 ):
     """Generate the synthetic detection data set (COCO JSON + PNG), deterministic from the seed."""
+    import re
+
     from core.data import synth
 
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise BenchError(f"--split {split!r}: use letters, digits, '_' and '-' (it names a file and a folder)")
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out} is a file; give a directory for the data set")
+    if (ann := out / "annotations" / f"instances_{split}.json").exists():
+        raise BenchError(f"{ann} exists; choose another --out or --split, or delete it first")
     console.print(f"wrote {synth.generate(out, images, seed, image_size=image_size, split_name=split)}",
                   markup=False, highlight=False)
 

@@ -214,3 +214,24 @@ def test_data_check_on_a_coco_root_checks_each_annotation_file(tmp_path, monkeyp
 def test_data_split_refuses_bad_options_in_one_line(tmp_path, monkeypatch, capsys, args, message):
     code, _, err = cli(monkeypatch, capsys, "data", "split", *args, home=tmp_path)
     assert code == 2 and one_line(err) and f"bench data split: {message}" in err, err
+
+
+def test_data_synth_writes_a_readable_set_and_never_overwrites_one(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "synth"
+    code, stdout, err = cli(monkeypatch, capsys, "data", "synth", "--out", out, "--images", "3", "--image-size", "64",
+                            home=tmp_path)
+    ann = out / "annotations" / "instances_train.json"
+    assert code == 0 and str(ann) in stdout, err
+    assert len(load_coco(ann, out / "images" / "train").records) == 3
+    before = ann.read_bytes()
+    code, _, err = cli(monkeypatch, capsys, "data", "synth", "--out", out, "--images", "5", home=tmp_path)
+    assert code == 2 and one_line(err) and f"{ann} exists; choose another --out or --split" in err, err
+    assert ann.read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    for args, message in [(["--out", tmp_path / "file"], "is a file; give a directory"),
+                          (["--out", tmp_path / "s2", "--split", "../x"], "--split '../x': use letters"),
+                          (["--out", tmp_path / "s3", "--images", "0"], "Invalid value for '--images'"),
+                          (["--out", tmp_path / "s4", "--seed", "-1"], "Invalid value for '--seed'")]:
+        code, _, err = cli(monkeypatch, capsys, "data", "synth", *args, home=tmp_path)
+        assert code == 2 and message in err and "internal error" not in err, (args, err)
+    assert not (tmp_path / "x").exists()
