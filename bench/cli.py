@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from bench.cli_common import (FORMAT_OPT, HOME_OPT, check_data, clean_runs, evaluate_run, fetch_data, import_archive,
-                               make_split, resolve_home, run_app, show_config, show_status)
+                               make_split, out_file, out_folder, resolve_home, run_app, show_config, show_status)
 from core.errors import BenchError
 from core.methods import METHODS
 from studies.cli import EXTRA, figure, study_app, ui
@@ -79,7 +79,7 @@ def run(ctx: typer.Context, table: str = TABLE_ARG, seeds: int = SEEDS_OPT,
         retries: int = typer.Option(0, help="Retry a failed cell this many times."),
         fail_fast: bool = typer.Option(False, help="Stop scheduling after the first failure."),
         track: bool = typer.Option(True, help="Log to MLflow."),
-        out: Path = typer.Option(Path("results"), help="Where the tables are written."),
+        out: Path = typer.Option(Path("results"), parser=out_folder, help="Where the tables are written."),
         executor_name: str = typer.Option("local", "--executor", help="local (worker processes here) or slurm "
                                           "(submitit job arrays; docs/cluster.md)."),
         gpus_per_cell: int = typer.Option(1, help="GPUs per cell (>1: one DDP process per GPU); slurm: 0 for CPU "
@@ -113,7 +113,7 @@ def run(ctx: typer.Context, table: str = TABLE_ARG, seeds: int = SEEDS_OPT,
 def report_cmd(ctx: typer.Context, table: Optional[str] = typer.Argument(None, help=TABLE_HELP + " Optional with --all."),
                seeds: int = SEEDS_OPT, preset: Optional[str] = TABLE_PRESET_OPT, ratios: Optional[str] = RATIOS_OPT,
                err: str = typer.Option("std", help="std or sem."),
-               out: Path = typer.Option(Path("results"), help="Where the tables are written."),
+               out: Path = typer.Option(Path("results"), parser=out_folder, help="Where the tables are written."),
                all_: bool = typer.Option(False, "--all", help="Rebuild OUT/index.html: every table and figure in OUT "
                                          "with its command, preset, commit and date (after TABLE, if given)."),
                home: Optional[Path] = HOME_OPT):
@@ -126,7 +126,7 @@ def report_cmd(ctx: typer.Context, table: Optional[str] = typer.Argument(None, h
 
 @app.command("export", context_settings=EXTRA)
 def export_cmd(ctx: typer.Context, table: str = TABLE_ARG,
-               out: Path = typer.Option(..., help="The archive to write (.tar.gz)."),
+               out: Path = typer.Option(..., parser=out_file, help="The archive to write (.tar.gz)."),
                seeds: int = SEEDS_OPT, preset: Optional[str] = TABLE_PRESET_OPT, ratios: Optional[str] = RATIOS_OPT,
                home: Optional[Path] = HOME_OPT):
     """Pack a table's done cells (configs, results, training logs; no weights) into an archive that

@@ -33,6 +33,29 @@ def _home_path(value: str) -> Path:
 HOME_OPT = typer.Option(None, "--home", parser=_home_path, help="Working store (default: $BENCH_HOME or ./.bench).")
 
 
+def _writable(path: Path, option: str, value: Path) -> None:
+    """`path`, or the nearest folder above it that exists, takes new files; else one line for `option`."""
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise BenchError(f"{option} {value}: {existing} is a file; give a folder you can write to")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BenchError(f"{option} {value}: {existing} is not writable; give a folder you can write to")
+
+
+def out_folder(value: str) -> Path:
+    """--out of tables and figures: checked when the command starts, not when its work is done."""
+    path = Path(value)
+    _writable(path, "--out", path)
+    return path
+
+
+def out_file(value: str) -> Path:
+    """--out of an archive: its folder is checked when the command starts."""
+    path = Path(value)
+    _writable(path.parent, "--out", path)
+    return path
+
+
 FORMATS = ("table", "csv", "json")
 FORMAT_OPT = typer.Option("table", "--format", help="table, csv or json (csv and json: every field, names and "
                           "keys in full; notes on stderr).")

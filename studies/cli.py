@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench.cli_common import HOME_OPT, invocation, resolve_home
+from bench.cli_common import HOME_OPT, invocation, out_folder, resolve_home
 from core.errors import BenchError
 
 study_app = typer.Typer(help="Optuna studies: Figure 5 thresholds, Table 5 PIM levels, joint tuning.",
@@ -40,7 +40,7 @@ STORAGE_OPT = typer.Option(None, "--storage", help="Optuna storage: a journal fi
                            "BENCH_HOME/optuna/journal.log) or an RDB URL (postgresql+psycopg://...).")
 WORKERS_OPT = typer.Option(1, "--workers", help="Trial processes at once on this machine.")
 TRACK_OPT = typer.Option(True, help="Log the study, its trials and cells to MLflow.")
-OUT_OPT = typer.Option(Path("results"), help="Where figures and tables are written.")
+OUT_OPT = typer.Option(Path("results"), parser=out_folder, help="Where figures and tables are written.")
 NAME_OPT = typer.Option(None, "--name", help="Study name (default: from the command and preset).")
 RATIO_OPT = typer.Option(None, "--ratio", callback=percent_option, help="Labeled % (default: the paper's 1%, or on a preset where 1% "
                          "gives fewer than 2 labeled images per class, the smallest of 2, 5, 10, ... that does).")

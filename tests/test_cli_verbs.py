@@ -138,3 +138,17 @@ def test_eval_scores_a_finished_run_and_refuses_damaged_weights_in_one_line(tmp_
 def test_ports_and_ratios_out_of_range_are_usage_errors(tmp_path, monkeypatch, capsys, args, message):
     code, _, err = cli(monkeypatch, capsys, *args, home=tmp_path)
     assert code == 2 and message in err and "Traceback" not in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "table1", "--seeds", "1"], ["report", "table1"], ["figure", "deltas", "table1"],
+    ["study", "figure5"], ["export", "table1"],
+])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, planned, args):
+    """It used to surface when the tables were written (after a whole `bench run`) as an internal error."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker / ("cells.tar.gz" if args[0] == "export" else "results")
+    code, _, err = cli(monkeypatch, capsys, *args, "--out", out, home=tmp_path)
+    assert code == 2 and one_line(err) and f"--out {out}: {blocker} is a file" in err, err
+    assert planned == [] and not (tmp_path / "runs").exists()
