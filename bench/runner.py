@@ -535,6 +535,9 @@ def train_cell(method: str, preset: str, overrides: list[str], *, ratio: Optiona
     if data_root is not None:
         overrides.append(f"data.root={data_root}")
     if lsm:
+        if method == "supervised":  # its adapter has no pseudo-labels to mine: the cell would be Supervised's
+            raise BenchError("--lsm: the supervised method has no LSM variant (LSM mines a semi-supervised "
+                             "method's pseudo-labels); drop --lsm or pick a semi-supervised --method")
         overrides.append("lsm.enabled=true")
     cfg = load_config(preset, overrides, method=method, seed=seed, device=device)
     check_config(cfg)

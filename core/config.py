@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -74,7 +75,8 @@ class ModelConfig(_Strict):
     weights: str = "none"  # none | imagenet | path to a backbone state_dict
     trainable_layers: int = Field(3, ge=0, le=5)
     fpn_channels: int = 256
-    anchor_sizes: list[int] = [32, 64, 128, 256, 512]
+    # one anchor size per FPN level, P2-P6
+    anchor_sizes: list[PositiveInt] = Field([32, 64, 128, 256, 512], min_length=5, max_length=5)
     rpn_batch_size_per_image: int = 256
     rpn_positive_fraction: float = Field(0.5, gt=0, le=1)
     rpn_pre_nms_top_n_train: int = 2000

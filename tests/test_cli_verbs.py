@@ -152,3 +152,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monk
     code, _, err = cli(monkeypatch, capsys, *args, "--out", out, home=tmp_path)
     assert code == 2 and one_line(err) and f"--out {out}: {blocker} is a file" in err, err
     assert planned == [] and not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_lsm_on_supervised_and_anchor_lists_that_do_not_fit_the_fpn(tmp_path, monkeypatch, capsys):
+    """--lsm on Supervised trained a second Supervised cell under another key; an empty anchor list
+    was an IndexError inside the detector."""
+    code, _, err = cli(monkeypatch, capsys, "train", "--method", "supervised", "--lsm", home=tmp_path)
+    assert code == 2 and one_line(err) and "--lsm: the supervised method has no LSM variant" in err, err
+    for value, message in [("[]", "List should have at least 5 items"), ("[8,16,32,64,128,256]", "at most 5 items"),
+                           ("[8,16,32,64,0]", "'model.anchor_sizes.4': Input should be greater than 0")]:
+        code, _, err = cli(monkeypatch, capsys, "train", "--method", "ubteacher", f"model.anchor_sizes={value}",
+                           home=tmp_path)
+        assert code == 2 and one_line(err) and message in err, err
+    assert not (tmp_path / "runs").exists()
