@@ -151,7 +151,8 @@ def check_overrides(args: list[str], table: bool = False) -> list[str]:
 
 def check_config(cfg) -> None:
     """What pydantic lets through but training cannot use: non-finite numbers, a negative seed, an
-    unknown device, a learning rate that diverges at the first step."""
+    unknown device, a learning rate that diverges at the first step, a mean-teacher run that ends
+    inside its burn-in."""
     check_device(cfg.device, "device")
     if not 0 <= cfg.seed < 2 ** 32:
         raise BenchError(f"seed {cfg.seed}: must be in 0 .. 2^32-1 (numpy's and torch's seed range)")
@@ -164,6 +165,12 @@ def check_config(cfg) -> None:
                 raise BenchError(f"{prefix}{k}={v}: must be a finite number")
 
     walk(cfg.model_dump())
+    from core.methods import upstream
+
+    if upstream(cfg) == "burn_in" and cfg.semi.burn_in >= cfg.solver.max_iter:
+        raise BenchError(f"semi.burn_in={cfg.semi.burn_in} is not below solver.max_iter={cfg.solver.max_iter}: "
+                         f"{cfg.method} would train only its supervised burn-in and report Supervised's result "
+                         "under its name; lower semi.burn_in or raise solver.max_iter")
     lr = cfg.solver.base_lr
     if lr > MAX_LR:
         raise BenchError(f"solver.base_lr={lr:g}: a learning rate above {MAX_LR:g} diverges at once; "

@@ -165,3 +165,12 @@ def test_train_refuses_lsm_on_supervised_and_anchor_lists_that_do_not_fit_the_fp
                            home=tmp_path)
         assert code == 2 and one_line(err) and message in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_a_mean_teacher_run_that_ends_inside_its_burn_in(tmp_path, monkeypatch, capsys):
+    """semi.burn_in >= solver.max_iter trained the supervised burn-in only and reported it as the
+    method's result (the README's own example did, on the demo's 1000-iteration burn-in)."""
+    code, _, err = cli(monkeypatch, capsys, "train", "--method", "ubteacher", "solver.max_iter=500", home=tmp_path)
+    assert code == 2 and one_line(err), err
+    assert "semi.burn_in=1000 is not below solver.max_iter=500: ubteacher would train only its supervised burn-in" in err
+    assert not (tmp_path / "runs").exists()
