@@ -11,7 +11,6 @@ the file is where a cell's run id is read first (`recorded_run_id`).
 from __future__ import annotations
 
 import fcntl
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from types import SimpleNamespace
 
 from bench import tracking
 from core.errors import BenchError
-from core.paths import CorruptFile, read_result
+from core.paths import CorruptFile, read_metrics, read_result
 
 _RUN_ID = re.compile(r"[0-9a-f]{1,64}")  # what MLflow's ids look like; anything else names no run
 
@@ -109,9 +108,7 @@ def _log_cell(tracker: tracking.Tracker, home: Path, rdir: Path, seen: str | Non
             path = rdir / "config.yaml"
             cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()))
             path = rdir / "metrics.jsonl"
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-            if not all(isinstance(r, dict) and isinstance(r.get("iteration"), int) for r in rows):
-                raise ValueError("a line without an integer iteration")
+            rows = read_metrics(path)
         except Exception as err:  # a truncated, hand-edited or outdated file
             return f"{path} is unreadable ({type(err).__name__})"
         tags = tracking.run_tags(cfg, rdir.name, _split_sha256(cfg, rdir.name, home))

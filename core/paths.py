@@ -38,6 +38,25 @@ def find_run_dir(run: str, home: Path) -> Path:
     return rdir
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """A done cell's metrics.jsonl as records (none if it has no log); blank lines are skipped, and a
+    line that is not a record is a one-line error naming the file and the line."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            rec = err.msg
+        if not isinstance(rec, dict) or not isinstance(rec.get("iteration"), int):
+            raise BenchError(f"{path}: line {number} is not a training-log record ({rec!r:.60}); the log is "
+                             f"damaged: delete {path.parent} and train the cell again")
+        records.append(rec)
+    return records
+
+
 class CorruptFile(BenchError):
     """A store file that exists but cannot be read (truncated, not JSON, missing keys)."""
 

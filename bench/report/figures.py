@@ -19,7 +19,6 @@ its first line), atomically.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from core.errors import BenchError  # noqa: E402
+from core.paths import read_metrics  # noqa: E402
 
 CURVE_LABELS = {"ubteacher": "UBteacher (threshold t)", "ubteacher_lsm": "UBteacher + LSM (threshold α)"}
 CURVE_COLORS = {CURVE_LABELS["ubteacher"]: "tab:red", CURVE_LABELS["ubteacher_lsm"]: "tab:blue"}
@@ -70,29 +70,10 @@ def plot_threshold_curves(points: pd.DataFrame, paper_point: tuple[float, float]
 
 
 # -- Figure 4 ----------------------------------------------------------------------------------------
-def metrics_records(metrics_path: Path) -> list[dict]:
-    """A done cell's metrics.jsonl as records (none if it has no log); a line that is not a JSON
-    object is a one-line error naming the file and the line, not a traceback from a figure."""
-    path = Path(metrics_path)
-    records = []
-    for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            rec = err.msg
-        if not isinstance(rec, dict) or not isinstance(rec.get("iteration"), int):
-            raise BenchError(f"{path}: line {number} is not a training-log record ({rec!r:.60}); the log is "
-                             f"damaged: delete {path.parent} and train the cell again")
-        records.append(rec)
-    return records
-
-
 def eval_curves(metrics_path: Path) -> pd.DataFrame:
     """iteration, metric (AP, AR100, ...), value of the reported (first evaluated) model."""
     rows = []
-    for rec in metrics_records(metrics_path):
+    for rec in read_metrics(metrics_path):
         evals = [k for k in rec if k.startswith("eval.") and k.count(".") == 2]
         if not evals:
             continue
@@ -130,7 +111,7 @@ def plot_training_curves(curves: pd.DataFrame, metrics: tuple[str, ...] = ("AR10
 def pseudo_label_curves(metrics_path: Path, prefix: str = "pl") -> pd.DataFrame:
     """iteration, stat (precision | recall), size (all | small | medium | large), value."""
     rows = []
-    for rec in metrics_records(metrics_path):
+    for rec in read_metrics(metrics_path):
         for stat in ("precision", "recall"):
             for size in ("all",) + SIZES:
                 key = f"{prefix}_{stat}" + ("" if size == "all" else f"_{size}")
